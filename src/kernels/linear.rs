@@ -128,7 +128,7 @@ impl RowDecoder for Int4Weights<'_> {
 
 /// Raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint set of output columns (its own rows of W).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -146,13 +146,7 @@ pub fn linear<D: RowDecoder>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // Enough blocks to balance across threads, each at least ROWS rows.
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = n.div_ceil(threads * 8).next_multiple_of(ROWS).clamp(ROWS, 256);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
-        let ptr = ptr;
-        let (n0, n1) = (t * per_task, ((t + 1) * per_task).min(n));
+    for_each_row_block(n, out, |n0, n1, ptr| {
         let mut buf = vec![0f32; ROWS * k];
         let mut j = n0;
         while j < n1 {
@@ -168,6 +162,19 @@ pub fn linear<D: RowDecoder>(
         }
     });
     Ok(())
+}
+
+/// Split the `n` rows of `W` into blocks (a multiple of `ROWS`, enough to balance across the
+/// rayon threads) and run `f(n0, n1, out)` on each in parallel. `f` may write only output
+/// columns `n0..n1`.
+pub(crate) fn for_each_row_block(n: usize, out: &mut [f32], f: impl Fn(usize, usize, OutPtr) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = n.div_ceil(threads * 8).next_multiple_of(ROWS).clamp(ROWS, 256);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let ptr = ptr;
+        f(t * per_task, ((t + 1) * per_task).min(n), ptr)
+    });
 }
 
 struct Block<'a> {

@@ -8,6 +8,7 @@
 
 pub mod dot;
 pub mod linear;
+pub mod w8a8;
 
 use crate::error::{Error, Result};
 

@@ -1,0 +1,70 @@
+"""Type stubs for the Rust extension module (src/python/mod.rs)."""
+
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def kernel_info() -> dict: ...
+def f32_to_half(src: npt.NDArray[np.float32], out: npt.NDArray[np.uint16], bf16: bool = False) -> None: ...
+def half_to_f32(src: npt.NDArray[np.uint16], out: npt.NDArray[np.float32], bf16: bool = False) -> None: ...
+def quantize_int8(
+    w: npt.NDArray[np.float32], symmetric: bool = True, kernel: str = "auto"
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.int8]]: ...
+def dequantize_int8(
+    q: npt.NDArray[np.int8], scales: npt.NDArray[np.float32], zero_points: npt.NDArray[np.int8]
+) -> npt.NDArray[np.float32]: ...
+def quantize_int4(
+    w: npt.NDArray[np.float32], group_size: int, symmetric: bool = False, kernel: str = "auto"
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.uint8]]: ...
+def dequantize_int4(
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.uint8],
+    group_size: int,
+    in_features: int,
+) -> npt.NDArray[np.float32]: ...
+def linear_half(
+    x: npt.NDArray[np.float32],
+    w: npt.NDArray[np.uint16],
+    out: npt.NDArray[np.float32],
+    bias: Optional[npt.NDArray[np.float32]] = None,
+    bf16: bool = False,
+    kernel: str = "auto",
+) -> None: ...
+def linear_int8(
+    x: npt.NDArray[np.float32],
+    q: npt.NDArray[np.int8],
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.int8],
+    out: npt.NDArray[np.float32],
+    bias: Optional[npt.NDArray[np.float32]] = None,
+    kernel: str = "auto",
+) -> None: ...
+def linear_int4(
+    x: npt.NDArray[np.float32],
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.uint8],
+    group_size: int,
+    in_features: int,
+    out: npt.NDArray[np.float32],
+    bias: Optional[npt.NDArray[np.float32]] = None,
+    kernel: str = "auto",
+) -> None: ...
+def quantize_act_int8(
+    x: npt.NDArray[np.float32], q: npt.NDArray[np.int8], scales: npt.NDArray[np.float32], static_scale: Optional[float] = None,
+    kernel: str = "auto",
+) -> None: ...
+def linear_w8a8(
+    xq: npt.NDArray[np.int8],
+    x_scales: npt.NDArray[np.float32],
+    q: npt.NDArray[np.int8],
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.int8],
+    out: npt.NDArray[np.float32],
+    bias: Optional[npt.NDArray[np.float32]] = None,
+    kernel: str = "auto",
+) -> None: ...

@@ -1,0 +1,61 @@
+"""The quantization API.
+
+>>> from diffulex_edge.quant import INT4Quantizer, QuantizationConfig, QuantizationDtype
+>>> result = INT4Quantizer().quantize(model, QuantizationConfig(dtype=QuantizationDtype.INT4, group_size=64))
+>>> result.model, result.compression_ratio
+
+Quantizers never modify the model they are given unless ``inplace=True``.
+"""
+
+from ..errors import (
+    ConfigError,
+    CorruptFileError,
+    NonFiniteWeightError,
+    QuantizationError,
+    ShapeError,
+    UnsupportedFormatError,
+)
+from .api import dequantize_model, get_quantization_info, quantize_, quantize_model_ptq
+from .config import INT4_GROUP_SIZES, QuantizationConfig, QuantizationDtype
+from .nn import QuantizedLinear
+from .quantizers import (
+    QUANTIZERS,
+    BaseQuantizer,
+    BF16Quantizer,
+    FP16Quantizer,
+    INT4Quantizer,
+    INT8Quantizer,
+    is_int4_available,
+)
+from .result import LayerRecord, QuantizationResult
+from .serialization import load_quantized, save_quantized
+from .walk import model_size_bytes
+
+__all__ = [
+    "BF16Quantizer",
+    "BaseQuantizer",
+    "ConfigError",
+    "CorruptFileError",
+    "FP16Quantizer",
+    "INT4Quantizer",
+    "INT4_GROUP_SIZES",
+    "INT8Quantizer",
+    "LayerRecord",
+    "NonFiniteWeightError",
+    "QUANTIZERS",
+    "QuantizationConfig",
+    "QuantizationDtype",
+    "QuantizationError",
+    "QuantizationResult",
+    "QuantizedLinear",
+    "ShapeError",
+    "UnsupportedFormatError",
+    "dequantize_model",
+    "get_quantization_info",
+    "is_int4_available",
+    "load_quantized",
+    "model_size_bytes",
+    "quantize_",
+    "quantize_model_ptq",
+    "save_quantized",
+]

@@ -1,0 +1,126 @@
+"""Tensor <-> native bridges and the device-agnostic torch implementations of the formats.
+
+Native (Rust) calls take CPU numpy views of tensors (zero copy). The torch functions here run the
+same formulas with torch ops so every format also works on CUDA/MPS and under tracing; they are
+bit-identical to the Rust dequantizers (same float operations in the same order).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _native
+from ..errors import NonFiniteWeightError, QuantizationError
+
+#: Largest int8 activation code (symmetric [-127, 127]), as in src/kernels/w8a8.rs.
+ACT_QMAX = 127.0
+
+
+def as_f32_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 CPU copy/view of `t`, detached."""
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def np_u16(t: torch.Tensor) -> np.ndarray:
+    """uint16 numpy view of a CPU float16/bfloat16/int16 tensor (bf16 has no numpy dtype)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def with_layer(fn, layer: Optional[str], *args, **kwargs):
+    """Call a native function, attaching the layer name to any QuantizationError it raises."""
+    try:
+        return fn(*args, **kwargs)
+    except QuantizationError as e:
+        if layer is None or e.layer is not None:
+            raise
+        raise type(e)(str(e), layer=layer) from e
+
+
+# ---- quantization (always on CPU, in Rust) ---------------------------------------------------
+
+def quantize_half(w: torch.Tensor, bf16: bool, layer: Optional[str] = None) -> torch.Tensor:
+    src = as_f32_cpu(w)
+    check_finite(src, layer)
+    out = torch.empty(src.shape, dtype=torch.int16)
+    with_layer(_native.f32_to_half, layer, src.reshape(-1).numpy(), np_u16(out).reshape(-1), bf16)
+    return out.view(torch.bfloat16 if bf16 else torch.float16)
+
+
+def quantize_int8(w: torch.Tensor, symmetric: bool, kernel: str = "auto", layer: Optional[str] = None):
+    q, s, z = with_layer(_native.quantize_int8, layer, as_f32_cpu(w).numpy(), symmetric, kernel)
+    return torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, kernel: str = "auto", layer: Optional[str] = None):
+    p, s, z = with_layer(_native.quantize_int4, layer, as_f32_cpu(w).numpy(), group_size, symmetric, kernel)
+    return torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)
+
+
+def check_finite(w: torch.Tensor, layer: Optional[str]) -> None:
+    """Raise NonFiniteWeightError naming the first NaN/Inf position (used where Rust does not check)."""
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise NonFiniteWeightError(
+            f"weight contains {int(bad.sum())} NaN/Inf value(s), first at index {idx} "
+            f"(value {w[idx].item()}); fix or exclude this layer (exclude_layers=[...])",
+            layer=layer,
+        )
+
+
+# ---- dequantization in torch ops (any device) -----------------------------------------------
+
+def dequantize_int8_torch(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    return (q.to(torch.float32) - zero_points.to(torch.float32)[:, None]) * scales[:, None]
+
+
+def unpack_int4_torch(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """`[n, ceil(k/2)]` uint8 -> `[n, k]` nibble values (low nibble = even column)."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def dequantize_int4_torch(packed, scales, zeros, group_size: int, in_features: int) -> torch.Tensor:
+    u = unpack_int4_torch(packed, in_features).to(torch.float32)
+    s = scales.repeat_interleave(group_size, dim=1)[:, :in_features]
+    z = zeros.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_features]
+    return (u - z) * s
+
+
+def fake_quantize_activations(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Torch twin of the native activation quantizer: per-row absmax/127 (or a fixed scale)."""
+    xf = x.to(torch.float32)
+    if static_scale is None:
+        s = xf.abs().amax(dim=-1, keepdim=True) / ACT_QMAX
+        s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+    else:
+        s = static_scale.to(torch.float32)
+    return (torch.round(xf / s).clamp(-ACT_QMAX, ACT_QMAX) * s).to(x.dtype)
+
+
+def is_tracing() -> bool:
+    """True under TorchScript, FX, dynamo/torch.compile or torch.export: use torch ops only."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    try:
+        from torch.fx._symbolic_trace import is_fx_tracing
+
+        return bool(is_fx_tracing())
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+
+
+def split_rows(x: torch.Tensor, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
+    """Flatten leading dims: `[..., k]` -> contiguous float32 `[m, k]` CPU tensor."""
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, in_features)
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    return x2.contiguous(), lead

@@ -1,0 +1,196 @@
+"""Quantization configuration: what format, which layers, how to handle awkward shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from ..errors import ConfigError
+
+#: INT4 group sizes the native format supports.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+MODES = ("weight_only", "dynamic", "static")
+ON_INDIVISIBLE = ("error", "skip", "pad")
+KERNELS = ("auto", "scalar", "avx2", "avx512")
+
+
+class QuantizationDtype(str, enum.Enum):
+    """Storage format of quantized weights."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4}[self.value]
+
+    @property
+    def is_float(self) -> bool:
+        return self in (QuantizationDtype.FP16, QuantizationDtype.BF16)
+
+    @classmethod
+    def parse(cls, value: Union["QuantizationDtype", str]) -> "QuantizationDtype":
+        """Accept the enum, its value or a common alias ("float16", "half", "bfloat16", "qint8")."""
+        if isinstance(value, cls):
+            return value
+        aliases = {
+            "fp16": cls.FP16, "float16": cls.FP16, "half": cls.FP16, "f16": cls.FP16,
+            "bf16": cls.BF16, "bfloat16": cls.BF16,
+            "int8": cls.INT8, "qint8": cls.INT8, "i8": cls.INT8, "8": cls.INT8,
+            "int4": cls.INT4, "qint4": cls.INT4, "i4": cls.INT4, "4": cls.INT4,
+        }
+        key = str(value).strip().lower()
+        if key.startswith("quantizationdtype."):
+            key = key.split(".", 1)[1]
+        if key not in aliases:
+            raise ConfigError(
+                f"unknown dtype {value!r}; supported: {', '.join(d.value for d in cls)}"
+            )
+        return aliases[key]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class QuantizationConfig:
+    """How to quantize a model.
+
+    Args:
+        dtype: storage format (``QuantizationDtype`` or its name). ``None`` means "not chosen":
+            a quantizer fills in its own format; a config loaded from YAML without a dtype is off.
+        mode: ``"weight_only"`` (default; activations stay float), ``"dynamic"`` (INT8 only:
+            activations quantized per token at run time, int8 x int8 kernel) or ``"static"``
+            (INT8 only: one activation scale per layer fixed from calibration data).
+        group_size: INT4 group length along the input dimension: 32, 64, 128 or 256.
+        symmetric: ``None`` picks the format's default: symmetric for INT8, asymmetric (with
+            zero points) for INT4.
+        exclude_layers: names to keep in full precision. An entry matches a module name exactly,
+            as a prefix ending at a dot (``"model.layers.0"``), as a glob (``"*.lm_head"``) or as a
+            regular expression with the prefix ``"re:"``.
+        on_indivisible: INT4 layers whose in_features is not a multiple of group_size: ``"error"``
+            (default, names the layer), ``"skip"`` (keep it in full precision, with a warning) or
+            ``"pad"`` (the last group of each row is shorter; exact, slightly larger).
+        skip_tied: keep Linear layers whose weight is shared with another module (e.g. a
+            ``lm_head`` tied to the embeddings) in full precision, since quantizing them would
+            add a copy instead of saving memory.
+        kernel: CPU kernel level, ``"auto"`` or one of ``"scalar"``, ``"avx2"``, ``"avx512"``.
+        enabled: ``False`` switches quantization off while keeping the settings. Defaults to on
+            when a dtype is given.
+    """
+
+    dtype: Optional[Union[QuantizationDtype, str]] = None
+    mode: str = "weight_only"
+    group_size: int = 128
+    symmetric: Optional[bool] = None
+    exclude_layers: List[str] = field(default_factory=list)
+    on_indivisible: str = "error"
+    skip_tied: bool = True
+    kernel: str = "auto"
+    enabled: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            self.dtype = QuantizationDtype.parse(self.dtype)
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; supported: {', '.join(MODES)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(
+                f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}"
+            )
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
+        if isinstance(self.exclude_layers, str):
+            self.exclude_layers = [self.exclude_layers]
+        self.exclude_layers = list(self.exclude_layers or [])
+        if not all(isinstance(x, str) for x in self.exclude_layers):
+            raise ConfigError(f"exclude_layers must be a list of strings, got {self.exclude_layers!r}")
+        if self.on_indivisible not in ON_INDIVISIBLE:
+            raise ConfigError(
+                f"unknown on_indivisible {self.on_indivisible!r}; supported: {', '.join(ON_INDIVISIBLE)}"
+            )
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}")
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled must be true or false, got {self.enabled!r}")
+        if self.mode != "weight_only" and self.dtype is not None and self.dtype != QuantizationDtype.INT8:
+            raise ConfigError(
+                f"mode={self.mode!r} quantizes activations to int8 and needs dtype int8, got {self.dtype}; "
+                "use mode='weight_only' for other formats"
+            )
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def is_enabled(self) -> bool:
+        """Whether this config asks for quantization at all."""
+        if self.enabled is not None:
+            return self.enabled and self.dtype is not None
+        return self.dtype is not None
+
+    @property
+    def resolved_symmetric(self) -> bool:
+        if self.symmetric is not None:
+            return self.symmetric
+        return self.dtype != QuantizationDtype.INT4
+
+    def with_dtype(self, dtype: Union[QuantizationDtype, str]) -> "QuantizationConfig":
+        return dataclasses.replace(self, dtype=QuantizationDtype.parse(dtype))
+
+    # -- (de)serialization ---------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "QuantizationConfig":
+        """Build from a mapping; missing keys take their defaults, unknown keys are an error.
+
+        A mapping with a single ``quantization`` key (a section of a larger config) is unwrapped.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a quantization config must be a mapping, got {type(data).__name__}")
+        if set(data) == {"quantization"}:
+            return cls.from_dict(data["quantization"])
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, source: Union[str, os.PathLike]) -> "QuantizationConfig":
+        """Load from a YAML file path or a YAML string. Quantization is off unless it sets a dtype."""
+        import yaml
+
+        text = None
+        if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and os.path.exists(source)):
+            with open(source, "r", encoding="utf-8") as fh:
+                text = fh.read()
+        elif isinstance(source, str) and (source.endswith((".yaml", ".yml")) and "\n" not in source):
+            raise ConfigError(f"config file {source!r} does not exist")
+        else:
+            text = source
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML in quantization config: {e}") from e
+        return cls.from_dict(data if data is not None else {})
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dtype"] = None if self.dtype is None else str(self.dtype)
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,271 @@
+"""`QuantizedLinear`: a drop-in `nn.Linear` replacement that keeps its weight quantized.
+
+On CPU the forward pass calls a Rust kernel that reads the packed weights directly (rows are
+decoded into a small cache-resident scratch; the full float weight never exists). On any other
+device, while tracing/compiling/exporting, or when gradients must flow to the input, it runs the
+same math in torch ops (dequantize + matmul), so a quantized model works everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _native
+from ..errors import ConfigError, UnsupportedFormatError
+from . import _ops
+from .config import INT4_GROUP_SIZES, MODES, QuantizationDtype
+
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class QuantizedLinear(nn.Module):
+    """Linear layer with quantized weight storage.
+
+    Build one with :meth:`from_linear`; the constructor allocates empty buffers of the right
+    shapes (what :func:`~diffulex_edge.quant.load_quantized` fills from a file).
+
+    Buffers by format (all part of ``state_dict``):
+        fp16/bf16: ``weight`` ``[out, in]`` float16/bfloat16.
+        int8: ``qweight`` int8 ``[out, in]``, ``scales`` float32 ``[out]``, ``zero_points`` int8 ``[out]``;
+        with ``act_mode="static"`` also ``act_scale`` float32 ``[]``.
+        int4: ``qweight`` uint8 ``[out, ceil(in/2)]`` (two nibbles per byte, low nibble = even
+        column), ``scales`` float32 ``[out, groups]``, ``zeros`` uint8 ``[out, groups]``.
+        ``bias`` (if any) keeps the original layer's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: Union[QuantizationDtype, str],
+        group_size: int = 128,
+        symmetric: Optional[bool] = None,
+        act_mode: str = "weight_only",
+        kernel: str = "auto",
+        bias_dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.qdtype = QuantizationDtype.parse(dtype)
+        self.group_size = int(group_size)
+        self.symmetric = self.qdtype != QuantizationDtype.INT4 if symmetric is None else bool(symmetric)
+        self.act_mode = act_mode
+        self.kernel = kernel
+        if act_mode not in MODES:
+            raise ConfigError(f"unknown act_mode {act_mode!r}; supported: {', '.join(MODES)}")
+        if act_mode != "weight_only" and self.qdtype != QuantizationDtype.INT8:
+            raise ConfigError(f"act_mode={act_mode!r} needs dtype int8, got {self.qdtype}")
+        if self.qdtype == QuantizationDtype.INT4 and self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        n, k = self.out_features, self.in_features
+        kw = {"device": device}
+        if self.qdtype.is_float:
+            half = torch.float16 if self.qdtype == QuantizationDtype.FP16 else torch.bfloat16
+            self.register_buffer("weight", torch.zeros(n, k, dtype=half, **kw))
+        elif self.qdtype == QuantizationDtype.INT8:
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, **kw))
+            self.register_buffer("scales", torch.ones(n, dtype=torch.float32, **kw))
+            self.register_buffer("zero_points", torch.zeros(n, dtype=torch.int8, **kw))
+            if act_mode == "static":
+                self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, **kw))
+        else:
+            groups = -(-k // self.group_size)
+            self.register_buffer("qweight", torch.zeros(n, -(-k // 2), dtype=torch.uint8, **kw))
+            self.register_buffer("scales", torch.ones(n, groups, dtype=torch.float32, **kw))
+            self.register_buffer("zeros", torch.zeros(n, groups, dtype=torch.uint8, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, **kw))
+        else:
+            self.register_buffer("bias", None)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        dtype: Union[QuantizationDtype, str],
+        *,
+        group_size: int = 128,
+        symmetric: Optional[bool] = None,
+        act_mode: str = "weight_only",
+        act_scale: Optional[float] = None,
+        kernel: str = "auto",
+        name: Optional[str] = None,
+    ) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` (the original is not modified). Buffers end up on the
+        layer's device; the quantization itself runs in Rust on CPU."""
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedFormatError(
+                f"expected nn.Linear, got {type(linear).__name__}", layer=name
+            )
+        w = linear.weight
+        if not w.dtype.is_floating_point:
+            raise UnsupportedFormatError(
+                f"weight dtype {w.dtype} is not a float type; only float weights can be quantized",
+                layer=name,
+            )
+        has_bias = linear.bias is not None
+        q = cls(
+            linear.in_features, linear.out_features, has_bias, dtype=dtype, group_size=group_size,
+            symmetric=symmetric, act_mode=act_mode, kernel=kernel,
+            bias_dtype=linear.bias.dtype if has_bias else torch.float32, device="meta",
+        )
+        dev = w.device
+        if q.qdtype.is_float:
+            buffers = {"weight": _ops.quantize_half(w, q.qdtype == QuantizationDtype.BF16, name)}
+        elif q.qdtype == QuantizationDtype.INT8:
+            qw, s, z = _ops.quantize_int8(w, q.symmetric, kernel, name)
+            buffers = {"qweight": qw, "scales": s, "zero_points": z}
+            if act_mode == "static":
+                if act_scale is None or not (act_scale > 0) or act_scale == float("inf"):
+                    raise ConfigError(
+                        f"static activation quantization needs a positive finite act_scale from calibration, got {act_scale!r}",
+                        layer=name,
+                    )
+                buffers["act_scale"] = torch.tensor(float(act_scale), dtype=torch.float32)
+        else:
+            p, s, z = _ops.quantize_int4(w, q.group_size, q.symmetric, kernel, name)
+            buffers = {"qweight": p, "scales": s, "zeros": z}
+        if has_bias:
+            buffers["bias"] = linear.bias.detach().clone()
+        for key, value in buffers.items():
+            setattr(q, key, value.to(dev))
+        return q
+
+    # ---- views --------------------------------------------------------------------------
+    def dequantize_weight(self) -> torch.Tensor:
+        """The weight as float32 ``[out, in]`` on the layer's device."""
+        if self.qdtype.is_float:
+            return self.weight.to(torch.float32)
+        if self.qdtype == QuantizationDtype.INT8:
+            if self.qweight.device.type == "cpu":
+                return torch.from_numpy(
+                    _native.dequantize_int8(self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy())
+                )
+            return _ops.dequantize_int8_torch(self.qweight, self.scales, self.zero_points)
+        if self.qweight.device.type == "cpu":
+            return torch.from_numpy(
+                _native.dequantize_int4(
+                    self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size, self.in_features
+                )
+            )
+        return _ops.dequantize_int4_torch(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain float32 ``nn.Linear`` with the dequantized weight."""
+        dev = self._storage().device
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantize_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.to(torch.float32))
+        return lin
+
+    def spec(self) -> Dict[str, Any]:
+        """Constructor arguments, enough to rebuild an empty layer of this shape and format."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": str(self.qdtype),
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "act_mode": self.act_mode,
+            "bias_dtype": str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32",
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Dict[str, Any], device=None) -> "QuantizedLinear":
+        args = dict(spec)
+        bias_dtype = getattr(torch, args.pop("bias_dtype", "float32"))
+        return cls(
+            args.pop("in_features"), args.pop("out_features"), args.pop("bias"),
+            bias_dtype=bias_dtype, device=device, **args,
+        )
+
+    def storage_bytes(self) -> int:
+        """Bytes held by this layer's buffers (quantized weight, scales, zero points, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _storage(self) -> torch.Tensor:
+        return self.weight if self.qdtype.is_float else self.qweight
+
+    # ---- forward ------------------------------------------------------------------------
+    def _use_native(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and self._storage().device.type == "cpu"
+            and x.dtype in _FLOAT_INPUTS
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not _ops.is_tracing()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantizedLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        if self._use_native(x):
+            return self._forward_native(x)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight()
+        if self.act_mode != "weight_only":
+            x = _ops.fake_quantize_activations(x, self.act_scale if self.act_mode == "static" else None)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _ops.split_rows(x, self.in_features)
+        m, n = x2.shape[0], self.out_features
+        out = torch.empty(m, n, dtype=torch.float32)
+        bias = None if self.bias is None else self.bias.to(torch.float32).numpy()
+        xs, o = x2.numpy(), out.numpy()
+        if self.qdtype.is_float:
+            _native.linear_half(
+                xs, _ops.np_u16(self.weight), o, bias, self.qdtype == QuantizationDtype.BF16, self.kernel
+            )
+        elif self.qdtype == QuantizationDtype.INT8 and self.act_mode != "weight_only":
+            xq = torch.empty(m, self.in_features, dtype=torch.int8)
+            xsc = torch.empty(m, dtype=torch.float32)
+            static = float(self.act_scale) if self.act_mode == "static" else None
+            _native.quantize_act_int8(xs, xq.numpy(), xsc.numpy(), static, self.kernel)
+            _native.linear_w8a8(
+                xq.numpy(), xsc.numpy(), self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy(),
+                o, bias, self.kernel,
+            )
+        elif self.qdtype == QuantizationDtype.INT8:
+            _native.linear_int8(
+                xs, self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy(), o, bias, self.kernel
+            )
+        else:
+            _native.linear_int4(
+                xs, self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size,
+                self.in_features, o, bias, self.kernel,
+            )
+        out = out.reshape(*lead, n)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"dtype={self.qdtype}",
+        ]
+        if self.qdtype == QuantizationDtype.INT4:
+            parts.append(f"group_size={self.group_size}")
+        if not self.qdtype.is_float:
+            parts.append(f"symmetric={self.symmetric}")
+        if self.act_mode != "weight_only":
+            parts.append(f"act_mode={self.act_mode}")
+        return ", ".join(parts)

@@ -1,0 +1,123 @@
+"""The quantizer classes: one per weight format, all driven by `walk.quantize_model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple, Type, Union
+
+from torch import nn
+
+from .. import _native
+from ..errors import ConfigError
+from ._ops import ACT_QMAX
+from .config import QuantizationConfig, QuantizationDtype
+from .result import QuantizationResult
+from .walk import collect_input_absmax, plan_layers, quantize_model
+
+ConfigLike = Union[QuantizationConfig, Mapping[str, Any], None]
+
+
+class BaseQuantizer:
+    """Common driver. Subclasses set `dtypes`, the formats they produce (the first is the default).
+
+    Args:
+        config: default config for :meth:`quantize` (a ``QuantizationConfig`` or a mapping).
+        show_progress: ``True``/``False`` to force the progress bar on/off; ``None`` lets tqdm
+            decide (on in terminals and notebooks).
+    """
+
+    dtypes: ClassVar[Tuple[QuantizationDtype, ...]] = ()
+
+    def __init__(self, config: ConfigLike = None, *, show_progress: Optional[bool] = None) -> None:
+        self.config = self._as_config(config) if config is not None else None
+        self.show_progress = show_progress
+
+    @staticmethod
+    def _as_config(config: ConfigLike) -> QuantizationConfig:
+        if isinstance(config, QuantizationConfig):
+            return config
+        return QuantizationConfig.from_dict(config)
+
+    def resolve_config(self, config: ConfigLike = None) -> QuantizationConfig:
+        """The config a call would use: the argument, else the quantizer's default; a missing
+        dtype becomes this quantizer's format."""
+        cfg = self._as_config(config) if config is not None else (self.config or QuantizationConfig())
+        if cfg.dtype is None:
+            if cfg.enabled is False:
+                return cfg
+            return dataclasses.replace(cfg, dtype=self.dtypes[0])
+        if cfg.dtype not in self.dtypes:
+            raise ConfigError(
+                f"{type(self).__name__} produces {', '.join(str(d) for d in self.dtypes)}, but the config asks for "
+                f"{cfg.dtype}; use {QUANTIZERS[cfg.dtype].__name__} or quantize_(model, config)"
+            )
+        return cfg
+
+    def quantize(
+        self,
+        model: nn.Module,
+        config: ConfigLike = None,
+        *,
+        inplace: bool = False,
+        calibration_data: Optional[Iterable[Any]] = None,
+    ) -> QuantizationResult:
+        """Quantize `model` and return a :class:`QuantizationResult` (``result.model`` is the
+        quantized model). The input model is left unmodified unless ``inplace=True``."""
+        cfg = self.resolve_config(config)
+        act_scales: Optional[Dict[str, float]] = None
+        if cfg.is_enabled and cfg.mode == "static":
+            if calibration_data is None:
+                raise ConfigError(
+                    "mode='static' fixes activation scales from calibration: pass calibration_data "
+                    "(an iterable of model inputs), or use mode='dynamic'"
+                )
+            names = [n for n, _ in plan_layers(model, cfg).layers]
+            absmax = collect_input_absmax(model, names, calibration_data, self.show_progress)
+            act_scales = {n: (a / ACT_QMAX if a > 0 and a != float("inf") else 1.0) for n, a in absmax.items()}
+        return quantize_model(model, cfg, inplace=inplace, act_scales=act_scales, show_progress=self.show_progress)
+
+
+class FP16Quantizer(BaseQuantizer):
+    """Linear weights stored as float16 (or bfloat16 with ``bf16=True`` / ``dtype='bf16'``);
+    inputs and outputs keep their dtype. Excluded layers stay as they are."""
+
+    dtypes = (QuantizationDtype.FP16, QuantizationDtype.BF16)
+
+    def __init__(self, config: ConfigLike = None, *, bf16: bool = False, show_progress: Optional[bool] = None) -> None:
+        super().__init__(config, show_progress=show_progress)
+        if bf16:
+            self.dtypes = (QuantizationDtype.BF16, QuantizationDtype.FP16)
+
+
+class BF16Quantizer(FP16Quantizer):
+    """Linear weights stored as bfloat16 (the float32 exponent range; no overflow risk)."""
+
+    dtypes = (QuantizationDtype.BF16, QuantizationDtype.FP16)
+
+
+class INT8Quantizer(BaseQuantizer):
+    """INT8 per-output-channel weights (symmetric by default). ``mode='dynamic'`` or ``'static'``
+    also quantizes activations to int8 and runs the int8 x int8 kernel."""
+
+    dtypes = (QuantizationDtype.INT8,)
+
+
+class INT4Quantizer(BaseQuantizer):
+    """INT4 grouped weights (group 32/64/128/256 along in_features), asymmetric with 4-bit zero
+    points by default, two values per byte."""
+
+    dtypes = (QuantizationDtype.INT4,)
+
+
+#: One registry: format -> quantizer class (what ``quantize_`` dispatches on).
+QUANTIZERS: Dict[QuantizationDtype, Type[BaseQuantizer]] = {
+    QuantizationDtype.FP16: FP16Quantizer,
+    QuantizationDtype.BF16: BF16Quantizer,
+    QuantizationDtype.INT8: INT8Quantizer,
+    QuantizationDtype.INT4: INT4Quantizer,
+}
+
+
+def is_int4_available() -> bool:
+    """True: INT4 is implemented natively (no torchao or GPU needed)."""
+    return hasattr(_native, "quantize_int4") and hasattr(_native, "linear_int4")

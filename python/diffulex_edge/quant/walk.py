@@ -1,0 +1,281 @@
+"""Walking a module tree: which Linear layers to quantize, validation before any change, module
+swapping, size accounting and calibration hooks. Shared by every quantizer."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import re
+import time
+import warnings as _warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import QuantizationError, ShapeError, UnsupportedFormatError
+from .config import QuantizationConfig, QuantizationDtype
+from .nn import QuantizedLinear
+from .result import LayerRecord, QuantizationResult
+
+log = logging.getLogger("diffulex_edge.quant")
+
+#: Largest finite float16 value (IEEE 754 binary16).
+FP16_MAX = 65504.0
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage counted once (tied weights once)."""
+    seen = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            total += t.numel() * t.element_size()
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _match(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@dataclass
+class Plan:
+    layers: List[Tuple[str, nn.Linear]]
+    skipped: Dict[str, str]
+    warnings: List[str]
+    padded: set
+
+
+def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
+    """Decide which layers to quantize and validate them all before anything is changed.
+    Raises a typed error naming the first bad layer."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedFormatError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    layers: List[Tuple[str, nn.Linear]] = []
+    skipped: Dict[str, str] = {}
+    warns: List[str] = []
+    padded = set()
+    used_patterns = set()
+    # parameters reachable under more than one name are tied (e.g. lm_head <-> embed_tokens)
+    owners: Dict[int, List[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    mha_children = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            skipped[name] = "already quantized"
+            continue
+        if not isinstance(mod, nn.Linear):
+            continue
+        hit = [p for p in cfg.exclude_layers if _match(name, p)]
+        if hit:
+            used_patterns.update(hit)
+            skipped[name] = f"excluded by {hit[0]!r}"
+            continue
+        if name in mha_children:
+            skipped[name] = "output projection of nn.MultiheadAttention, which reads .weight directly"
+            continue
+        tied = owners.get(id(mod.weight), [])
+        if cfg.skip_tied and len(tied) > 1:
+            others = [t for t in tied if t != f"{name}.weight"]
+            skipped[name] = f"weight is tied to {', '.join(others)} (quantizing would add a copy; set skip_tied=False to force)"
+            continue
+        w = mod.weight
+        if w.device.type == "meta":
+            raise UnsupportedFormatError(
+                "weights are on the meta device and have no values; load the weights before quantizing",
+                layer=name,
+            )
+        if not w.dtype.is_floating_point:
+            raise UnsupportedFormatError(
+                f"weight dtype {w.dtype} is not a float type; only float weights can be quantized", layer=name
+            )
+        if cfg.dtype == QuantizationDtype.INT4 and mod.in_features % cfg.group_size != 0:
+            if cfg.on_indivisible == "skip":
+                skipped[name] = f"in_features={mod.in_features} is not a multiple of group_size={cfg.group_size}"
+                warns.append(f"{name}: kept in full precision ({skipped[name]})")
+                continue
+            if cfg.on_indivisible == "error":
+                smaller = [g for g in (32, 64, 128, 256) if mod.in_features % g == 0]
+                hint = f", or use group_size={smaller[-1]}" if smaller else ""
+                raise ShapeError(
+                    f"in_features={mod.in_features} is not divisible by group_size={cfg.group_size}; "
+                    f"pass on_indivisible='pad' (the last group of each row is shorter) or "
+                    f"on_indivisible='skip' (keep this layer in full precision){hint}",
+                    layer=name,
+                )
+            padded.add(name)
+        if cfg.dtype == QuantizationDtype.FP16:
+            wmax = float(w.detach().abs().max()) if w.numel() else 0.0
+            if wmax > FP16_MAX and wmax != float("inf"):
+                raise QuantizationError(
+                    f"weight magnitude {wmax:.4g} exceeds the float16 range ({FP16_MAX}); use dtype='bf16' "
+                    "or exclude this layer",
+                    layer=name,
+                )
+        layers.append((name, mod))
+    for p in cfg.exclude_layers:
+        if p not in used_patterns:
+            warns.append(f"exclude_layers entry {p!r} matched no Linear layer")
+    if not layers:
+        warns.append("no Linear layers to quantize were found; the model is returned unchanged")
+    return Plan(layers, skipped, warns, padded)
+
+
+def layer_format(cfg: QuantizationConfig) -> str:
+    d = cfg.dtype
+    if d is None:
+        return "none"
+    if d.is_float:
+        return str(d)
+    sym = "sym" if cfg.resolved_symmetric else "asym"
+    base = f"int4_g{cfg.group_size}" if d == QuantizationDtype.INT4 else "int8"
+    if cfg.mode != "weight_only":
+        base = f"w8a8-{cfg.mode}"
+    return f"{base} {sym}"
+
+
+def _progress(items: List, desc: str, show: Optional[bool]):
+    if show is False or (show is None and len(items) < 2):
+        return items
+    from tqdm.auto import tqdm
+
+    # show=None: tqdm decides (disabled when output is not a terminal or notebook)
+    return tqdm(items, desc=desc, unit="layer", disable=None if show is None else False, leave=False)
+
+
+def quantize_model(
+    model: nn.Module,
+    cfg: QuantizationConfig,
+    *,
+    inplace: bool = False,
+    act_scales: Optional[Dict[str, float]] = None,
+    show_progress: Optional[bool] = None,
+) -> QuantizationResult:
+    """Quantize every eligible Linear layer of `model` as `cfg` says.
+
+    All layers are validated first and quantized into new modules; the model is changed only when
+    everything succeeded, so a failure leaves it untouched. Without `inplace` the model is copied
+    (the quantized layers are put straight into the copy; the float weights are not duplicated).
+    """
+    t0 = time.perf_counter()
+    original_size = model_size_bytes(model) if isinstance(model, nn.Module) else 0
+    if not cfg.is_enabled:
+        plan = Plan([], {}, ["quantization is disabled in this config (enabled=False or no dtype); model unchanged"], set())
+        out = model if inplace else copy.deepcopy(model)
+        return QuantizationResult(out, cfg, original_size, original_size, time.perf_counter() - t0, [], {}, plan.warnings)
+    plan = plan_layers(model, cfg)
+    if cfg.mode == "static":
+        missing = [n for n, _ in plan.layers if not act_scales or n not in act_scales]
+        if missing:
+            raise QuantizationError(
+                f"mode='static' needs calibrated activation scales; none for {missing[:3]}"
+                " — pass calibration_data so the layers see inputs during calibration"
+            )
+    fmt = layer_format(cfg)
+    new_modules: Dict[str, QuantizedLinear] = {}
+    records: List[LayerRecord] = []
+    for name, lin in _progress(plan.layers, f"quantize {fmt}", show_progress):
+        q = QuantizedLinear.from_linear(
+            lin, cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric,
+            act_mode=cfg.mode, act_scale=(act_scales or {}).get(name), kernel=cfg.kernel, name=name,
+        )
+        w = lin.weight.detach().to(torch.float32)
+        err = (q.dequantize_weight().to(w.device) - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny)
+        orig_bytes = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias) if t is not None)
+        records.append(
+            LayerRecord(name, lin.in_features, lin.out_features, str(lin.weight.dtype).replace("torch.", ""),
+                        fmt, orig_bytes, q.storage_bytes(), float(err), name in plan.padded)
+        )
+        new_modules[name] = q
+        log.debug("quantized %s (%dx%d) to %s: weight rel. error %.3e", name, lin.out_features, lin.in_features, fmt, float(err))
+    if inplace:
+        out = new_modules.get("", model)  # a bare nn.Linear cannot be replaced in place
+        for name, q in new_modules.items():
+            if name:
+                _set_module(out, name, q)
+    else:
+        memo = {id(lin): new_modules[name] for name, lin in plan.layers}
+        try:
+            out = copy.deepcopy(model, memo)
+        except Exception as e:  # pragma: no cover - depends on exotic user modules
+            raise QuantizationError(
+                f"could not copy the model ({e}); pass inplace=True to quantize it in place"
+            ) from e
+    for w in plan.warnings:
+        log.warning(w)
+    result = QuantizationResult(
+        out, cfg, original_size, model_size_bytes(out), time.perf_counter() - t0, records, plan.skipped, plan.warnings
+    )
+    log.info("%s", result._headline())
+    return result
+
+
+# ---- calibration ---------------------------------------------------------------------------
+
+def run_model(model: nn.Module, batch: Any) -> Any:
+    """Feed one calibration item: a tensor is a positional input, a dict keyword inputs, a
+    tuple/list positional inputs."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def collect_input_absmax(
+    model: nn.Module, names: Iterable[str], data: Iterable[Any], show_progress: Optional[bool] = None
+) -> Dict[str, float]:
+    """Max |x| seen at the input of each named Linear over the calibration data (min-max observer)."""
+    names = list(names)
+    stats: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(n: str) -> Callable:
+        def hook(_mod, args):
+            x = args[0].detach()
+            m = x.abs().amax().to(torch.float32).cpu()
+            stats[n] = torch.maximum(stats[n], m) if n in stats else m
+
+        return hook
+
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook_for(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        items = data if isinstance(data, list) else list(data)
+        if not items:
+            raise QuantizationError("calibration_data is empty; pass at least one batch")
+        with torch.no_grad():
+            for batch in _progress(items, "calibrate", show_progress):
+                run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    unseen = [n for n in names if n not in stats]
+    if unseen:
+        _warnings.warn(f"{len(unseen)} layer(s) saw no input during calibration, e.g. {unseen[:3]}")
+    return {n: float(v) for n, v in stats.items()}

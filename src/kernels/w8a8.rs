@@ -1,0 +1,188 @@
+//! W8A8: int8 activations (one symmetric scale per row/token, computed at run time or fixed from
+//! calibration) times int8 per-channel weights, accumulated in int32.
+//!
+//! `y[m, n] = sx[m] * sw[n] * (sum_k xq[m, k] * wq[n, k] - zw[n] * sum_k xq[m, k]) + b[n]`
+//! which equals `x_deq @ W_deq^T + b` exactly up to the final float products (int32 sums are exact
+//! for k < 2^17 with |xq|, |wq - zw| <= 255).
+
+use rayon::prelude::*;
+
+use super::linear::{for_each_row_block, OutPtr};
+use super::{dispatch, KernelLevel};
+use crate::error::{check_len, Error, Result};
+use crate::formats::int8::round_even_small;
+
+/// Largest activation code: symmetric [-127, 127] (as LLM.int8() and SmoothQuant use).
+pub const ACT_QMAX: f32 = 127.0;
+
+/// Quantize activations row by row. With `static_scale` every row uses it (values beyond the
+/// calibrated range clamp); without, each row gets `absmax / 127` (a zero row gets 1).
+pub fn quantize_activations(
+    x: &[f32], m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
+) -> Result<()> {
+    check_len("input", x.len(), m * k)?;
+    check_len("q", q.len(), m * k)?;
+    check_len("scales", scales.len(), m)?;
+    if let Some(s) = static_scale {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(Error::InvalidArgument(format!("static activation scale must be finite and > 0, got {s}")));
+        }
+    }
+    if k == 0 {
+        scales.iter_mut().for_each(|s| *s = static_scale.unwrap_or(1.0));
+        return Ok(());
+    }
+    q.par_chunks_mut(k).zip(x.par_chunks(k)).zip(scales.par_iter_mut()).for_each(|((qr, xr), s)| {
+        let sc = static_scale.unwrap_or_else(|| {
+            let a = absmax(level, xr) / ACT_QMAX;
+            if a > 0.0 && a.is_finite() { a } else { 1.0 }
+        });
+        *s = sc;
+        quantize_row(level, xr, qr, sc);
+    });
+    Ok(())
+}
+
+fn absmax(level: KernelLevel, x: &[f32]) -> f32 {
+    dispatch!(level, fn am(x: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                let a = c[i].abs();
+                acc[i] = if a > acc[i] { a } else { acc[i] };
+            }
+        }
+        tail.iter().chain(acc.iter()).fold(0f32, |m, v| m.max(v.abs()))
+    })
+}
+
+fn quantize_row(level: KernelLevel, x: &[f32], q: &mut [i8], scale: f32) {
+    dispatch!(level, fn qr(x: &[f32], q: &mut [i8], scale: f32) -> () {
+        for (d, v) in q.iter_mut().zip(x) {
+            *d = round_even_small((v / scale).clamp(-ACT_QMAX, ACT_QMAX)) as i8;
+        }
+    })
+}
+
+/// Scalar reference: `y = x_deq @ W_deq^T + b` with exact integer sums.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a8_ref(
+    xq: &[i8], x_scales: &[f32], wq: &[i8], w_scales: &[f32], w_zero: &[i8], k: usize, bias: Option<&[f32]>, out: &mut [f32],
+) {
+    let (m, n) = (x_scales.len(), w_scales.len());
+    for mi in 0..m {
+        for ni in 0..n {
+            let mut acc: i64 = 0;
+            for kk in 0..k {
+                acc += xq[mi * k + kk] as i64 * (wq[ni * k + kk] as i64 - w_zero[ni] as i64);
+            }
+            out[mi * n + ni] = x_scales[mi] * w_scales[ni] * acc as f32 + bias.map_or(0.0, |b| b[ni]);
+        }
+    }
+}
+
+/// Fast path: rows of `W` in parallel blocks, int32 dot products that vectorize per level.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a8(
+    xq: &[i8], x_scales: &[f32], wq: &[i8], w_scales: &[f32], w_zero: &[i8], k: usize, bias: Option<&[f32]>, out: &mut [f32],
+    level: KernelLevel,
+) -> Result<()> {
+    let (m, n) = (x_scales.len(), w_scales.len());
+    check_len("activations", xq.len(), m * k)?;
+    check_len("weight", wq.len(), n * k)?;
+    check_len("zero_points", w_zero.len(), n)?;
+    check_len("output", out.len(), m * n)?;
+    if let Some(b) = bias {
+        check_len("bias", b.len(), n)?;
+    }
+    if k >= 1 << 17 {
+        return Err(Error::Shape(format!("in_features {k} is too large for int32 accumulation (max 131071)")));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let xsum: Vec<i32> = (0..m).map(|mi| xq[mi * k..(mi + 1) * k].iter().map(|v| *v as i32).sum()).collect();
+    for_each_row_block(n, out, |n0, n1, ptr: OutPtr| {
+        for ni in n0..n1 {
+            let wr = &wq[ni * k..(ni + 1) * k];
+            let (sw, zw, b) = (w_scales[ni], w_zero[ni] as i32, bias.map_or(0.0, |b| b[ni]));
+            for mi in 0..m {
+                let acc = dot_i8(level, &xq[mi * k..(mi + 1) * k], wr) - zw * xsum[mi];
+                // SAFETY: column ni belongs to this block alone.
+                unsafe { *ptr.0.add(mi * n + ni) = x_scales[mi] * sw * acc as f32 + b };
+            }
+        }
+    });
+    Ok(())
+}
+
+fn dot_i8(level: KernelLevel, a: &[i8], b: &[i8]) -> i32 {
+    dispatch!(level, fn d(a: &[i8], b: &[i8]) -> i32 {
+        let mut acc = [0i32; 16];
+        let ca = a.chunks_exact(16);
+        let ta = ca.remainder();
+        let mut cb = b.chunks_exact(16);
+        for x in ca {
+            let y = cb.next().unwrap_or(&[0; 16]);
+            for i in 0..16 {
+                acc[i] += x[i] as i16 as i32 * y[i] as i16 as i32;
+            }
+        }
+        let tb = cb.remainder();
+        let mut s: i32 = acc.iter().sum();
+        for (x, y) in ta.iter().zip(tb) {
+            s += *x as i32 * *y as i32;
+        }
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::int8;
+
+    #[test]
+    fn matches_reference_on_odd_shapes() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 7, 33), (5, 9, 100), (3, 17, 4095)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 31.0).collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+            for sym in [true, false] {
+                let qw = int8::quantize(&w, n, k, sym, KernelLevel::Scalar).unwrap();
+                for st in [None, Some(0.05f32)] {
+                    let mut xq = vec![0i8; m * k];
+                    let mut xs = vec![0f32; m];
+                    quantize_activations(&x, m, k, st, &mut xq, &mut xs, KernelLevel::Scalar).unwrap();
+                    let mut want = vec![0f32; m * n];
+                    linear_w8a8_ref(&xq, &xs, &qw.q, &qw.scales, &qw.zero_points, k, Some(&bias), &mut want);
+                    for level in KernelLevel::available() {
+                        let mut xq2 = vec![0i8; m * k];
+                        let mut xs2 = vec![0f32; m];
+                        quantize_activations(&x, m, k, st, &mut xq2, &mut xs2, level).unwrap();
+                        assert_eq!((&xq2, &xs2), (&xq, &xs), "{level:?}");
+                        let mut got = vec![0f32; m * n];
+                        linear_w8a8(&xq, &xs, &qw.q, &qw.scales, &qw.zero_points, k, Some(&bias), &mut got, level).unwrap();
+                        // integer sums are exact: results agree bit for bit
+                        assert_eq!(got, want, "{level:?} m={m} n={n} k={k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_error_is_half_a_step() {
+        let x: Vec<f32> = (0..300).map(|i| (i as f32 * 0.77).sin() * 3.0).collect();
+        let mut q = vec![0i8; 300];
+        let mut s = vec![0f32; 3];
+        quantize_activations(&x, 3, 100, None, &mut q, &mut s, KernelLevel::detect()).unwrap();
+        for (i, v) in x.iter().enumerate() {
+            let sc = s[i / 100];
+            assert!((v - q[i] as f32 * sc).abs() <= 0.5 * sc * (1.0 + 1e-5));
+        }
+        assert!(quantize_activations(&x, 3, 100, Some(-1.0), &mut q, &mut s, KernelLevel::Scalar).is_err());
+    }
+}
