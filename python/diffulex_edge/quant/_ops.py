@@ -109,12 +109,11 @@ def is_tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
         return True
-    try:
-        from torch.fx._symbolic_trace import is_fx_tracing
+    import torch.fx._symbolic_trace as fx_trace
 
-        return bool(is_fx_tracing())
-    except ImportError:  # pragma: no cover - very old torch
-        return False
+    # newer torch: is_fx_symbolic_tracing (is_fx_tracing warns that it also covers export)
+    check = getattr(fx_trace, "is_fx_symbolic_tracing", None) or getattr(fx_trace, "is_fx_tracing", None)
+    return bool(check()) if check is not None else False
 
 
 def split_rows(x: torch.Tensor, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
