@@ -1,0 +1,214 @@
+"""`diffulex-quant`: quantize, evaluate and compare local Hugging Face models from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+EPILOG = """examples:
+  diffulex-quant quantize examples/tiny-llama-wikitext --dtype int4 --group-size 32 -o /tmp/tiny-int4
+  diffulex-quant eval /tmp/tiny-int4 --text ../shared/data/wikitext-2/test.txt --reference examples/tiny-llama-wikitext
+  diffulex-quant compare examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/test.txt --html report.html
+  diffulex-quant info /tmp/tiny-int4
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffulex-quant",
+        description="Quantize, evaluate and compare local Hugging Face causal LMs (a folder with config.json "
+        "and safetensors weights). Nothing is downloaded.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model folder and save it",
+                       description="Quantize every nn.Linear of MODEL_DIR and write OUT (quantized.safetensors, "
+                       "config and tokenizer files, quantization.json).",
+                       epilog="example:\n  diffulex-quant quantize MODEL_DIR --dtype int4 --group-size 32 -o OUT",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must differ from MODEL_DIR)")
+    q.add_argument("--dtype", default="int8", choices=["fp16", "bf16", "int8", "int4"], help="weight format (default int8)")
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="INT4 group length (default 128)")
+    q.add_argument("--mode", default="weight_only", choices=["weight_only", "dynamic", "static"],
+                   help="INT8 only: also quantize activations per token (dynamic) or with calibrated scales (static)")
+    q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching layers in float (name, prefix, glob, or re:REGEX); repeatable")
+    q.add_argument("--calibration", metavar="TEXT_FILE", help="text for --mode static calibration")
+    q.add_argument("--config", metavar="YAML", help="a QuantizationConfig YAML file; command-line flags you pass override it")
+
+    e = sub.add_parser("eval", help="perplexity (and agreement with a reference) on a text",
+                       description="Measure perplexity of MODEL_DIR (float or quantized) on a text file; with "
+                       "--reference, also KL divergence and top-1 agreement against that model.",
+                       epilog="example:\n  diffulex-quant eval OUT --text test.txt --reference MODEL_DIR",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model_dir", metavar="MODEL_DIR")
+    e.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    e.add_argument("--reference", metavar="DIR", help="reference model folder (e.g. the FP32 original)")
+    e.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+
+    c = sub.add_parser("compare", help="compare quantization schemes (table, Pareto plot, HTML report)",
+                       description="Quantize MODEL_DIR with each scheme in one process and compare size, "
+                       "perplexity, KL, top-1 agreement and CPU latency.",
+                       epilog="example:\n  diffulex-quant compare MODEL_DIR --text test.txt --schemes fp16,int8,int4-g32 --html report.html",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model_dir", metavar="MODEL_DIR")
+    c.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
+    c.add_argument("--schemes", default="fp32,fp16,int8,w8a8-dynamic,int4-g128,int4-g32",
+                   help="comma-separated: fp32 fp16 bf16 int8 w8a8-dynamic w8a8-static int4-gN[-sym] (default: %(default)s)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    c.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    c.add_argument("--calibration", metavar="TEXT_FILE", help="calibration text (needed by w8a8-static)")
+    c.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
+    c.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    c.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+
+    i = sub.add_parser("info", help="describe a model folder or a saved quantized file",
+                       description="Print what is quantized in a folder written by `quantize`, a .safetensors/.pt file "
+                       "written by save_quantized, or a float model folder.",
+                       epilog="example:\n  diffulex-quant info OUT", formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path", metavar="PATH")
+    return p
+
+
+def _need_file(path: Optional[str], what: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _cmd_quantize(a) -> int:
+    from . import hf
+    from .quant import QUANTIZERS, QuantizationConfig
+
+    _need_file(a.calibration, "calibration text")
+    base = QuantizationConfig.from_yaml(a.config).to_dict() if a.config else {}
+    cli = {"dtype": a.dtype, "group_size": a.group_size, "mode": a.mode}
+    defaults = {"dtype": "int8", "group_size": 128, "mode": "weight_only"}
+    # flags left at their defaults do not override the YAML file
+    merged = {**base, **{k: v for k, v in cli.items() if not (a.config and v == defaults[k] and k in base)}}
+    merged["exclude_layers"] = list(base.get("exclude_layers") or []) + a.exclude
+    cfg = QuantizationConfig.from_dict(merged)
+    model, tok = hf.load_model(a.model_dir)
+    calib = None
+    if cfg.mode == "static":
+        if not a.calibration:
+            raise ValueError("--mode static needs --calibration TEXT_FILE")
+        from .eval.compare import _calibration_batches
+
+        calib = _calibration_batches(a.calibration, tok, 256)
+    result = QUANTIZERS[cfg.dtype]().quantize(model, cfg, inplace=True, calibration_data=calib)
+    print(result.summary(max_layers=8))
+    hf.save_quantized_pretrained(result.model, a.output, a.model_dir, info=result.to_dict())
+    print(f"wrote {a.output}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from . import hf
+    from .eval import perplexity
+
+    _need_file(a.text, "text file")
+    model, tok = hf.load_model(a.model_dir)
+    ref = hf.load_model(a.reference)[0] if a.reference else None
+    if tok is None:
+        raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
+    r = perplexity(model, a.text, tok, seq_len=a.seq_len, max_tokens=a.max_tokens, reference_model=ref)
+    print(r)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as fh:
+            json.dump(r.to_dict(), fh, indent=2)
+    return 0
+
+
+def _cmd_compare(a) -> int:
+    from . import hf
+    from .eval import compare_schemes
+
+    _need_file(a.text, "text file")
+    _need_file(a.calibration, "calibration text")
+    model, tok = hf.load_model(a.model_dir)
+    if tok is None:
+        raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
+    schemes = [s.strip() for s in a.schemes.split(",") if s.strip()]
+    report = compare_schemes(model, schemes, a.text, tokenizer=tok, calibration=a.calibration, seq_len=a.seq_len,
+                             max_eval_tokens=a.max_tokens)
+    print(report.to_markdown())
+    for path, write in ((a.html, report.to_html), (a.json, report.to_json), (a.markdown, report.to_markdown)):
+        if path:
+            write(path)
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_info(a) -> int:
+    from . import hf
+
+    path = a.path
+    if os.path.isdir(path):
+        if hf.is_quantized_dir(path):
+            path = os.path.join(path, hf.QUANTIZED_WEIGHTS)
+        else:
+            model, _ = hf.load_model(path)
+            n = sum(p.numel() for p in model.parameters())
+            print(f"{a.path}: float model {type(model).__name__}, {n / 1e6:.2f}M parameters, not quantized")
+            return 0
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not found: {path}")
+    meta, tensors = _read_saved(path)
+    layers = meta.get("layers", {})
+    from collections import Counter
+
+    kinds = Counter(
+        f"{s['dtype']}" + (f" g{s['group_size']}" if s["dtype"] == "int4" else "")
+        + ("" if s.get("act_mode", "weight_only") == "weight_only" else f" ({s['act_mode']} activations)")
+        for s in layers.values()
+    )
+    print(f"{a.path}: diffulex-edge {meta.get('version')} file, {len(tensors)} tensors, "
+          f"{os.path.getsize(path) / 2**20:.2f} MiB on disk")
+    print(f"  {len(layers)} quantized layer(s): " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
+    for name, s in list(layers.items())[:10]:
+        print(f"    {name}: {s['out_features']}x{s['in_features']} {s['dtype']}")
+    if len(layers) > 10:
+        print(f"    ... {len(layers) - 10} more")
+    return 0
+
+
+def _read_saved(path: str):
+    from .errors import CorruptFileError
+
+    if path.endswith(".safetensors"):
+        from .quant.serialization import _read_meta_safetensors
+
+        meta = _read_meta_safetensors(path)
+        return meta, meta.pop("_keys")
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptFileError(f"{path}: not a readable torch archive ({e})") from e
+    if not isinstance(payload, dict) or "diffulex_edge" not in payload:
+        raise CorruptFileError(f"{path}: no diffulex-edge metadata; was it written by save_quantized?")
+    return payload["diffulex_edge"], payload.get("state_dict", {})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import QuantizationError
+
+    handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info}
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, QuantizationError, ValueError) as e:
+        print(f"diffulex-quant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
