@@ -75,7 +75,9 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> List[Tuple[int, int, in
         scored_until = end
         if end == n_tokens:
             break
-        start = max(0, end - (seq_len - stride) - 1) if stride < seq_len else end - 1
+        # the next window ends `stride` tokens later (seq_len - 1 when stride == seq_len, since one
+        # token of context is needed to predict the first new token)
+        start = end + stride - seq_len if stride < seq_len else end - 1
     return out
 
 
