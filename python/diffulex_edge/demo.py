@@ -21,8 +21,8 @@ SCHEMES = [
     ("BF16", QuantizationConfig(dtype="bf16")),
     ("INT8 (weight-only)", QuantizationConfig(dtype="int8")),
     ("INT8 W8A8 dynamic", QuantizationConfig(dtype="int8", mode="dynamic")),
-    ("INT4 g128", QuantizationConfig(dtype="int4", group_size=128)),
-    ("INT4 g32", QuantizationConfig(dtype="int4", group_size=32)),
+    ("INT4 g128", QuantizationConfig(dtype="int4", group_size=128, on_indivisible="pad")),
+    ("INT4 g32", QuantizationConfig(dtype="int4", group_size=32, on_indivisible="pad")),
 ]
 
 
