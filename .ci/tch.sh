@@ -51,8 +51,9 @@ export CARGO_TARGET_DIR="$ROOT/target/tch"
 echo "==> python: $(command -v python) ($(python -c 'import torch; print("torch", torch.__version__)'))"
 echo "==> LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-echo "==> cargo test --features tch --test tch_linear"
-cargo test --features tch --test tch_linear
+# One (release) profile for the tests and the example, so torch-sys' C++ is compiled only once.
+echo "==> cargo test --release --features tch --test tch_linear"
+cargo test --release --features tch --test tch_linear
 
 echo "==> cargo run --release --features tch --example tch_quantized_linear"
 cargo run --release --features tch --example tch_quantized_linear

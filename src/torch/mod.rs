@@ -6,7 +6,7 @@
 //! quantized from a slice. Every function checks its input and returns [`crate::Error`]:
 //! tensors must be on the CPU, dense, of a float dtype, and 2-D where a matrix is expected.
 //!
-//! ```no_run
+//! ```
 //! use diffulex_edge::torch::QuantizedLinear;
 //! use diffulex_edge::Format;
 //! use tch::nn::{self, Module};
