@@ -107,9 +107,13 @@ class QuantizationConfig:
             raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
         if isinstance(self.exclude_layers, str):
             self.exclude_layers = [self.exclude_layers]
+        if self.exclude_layers is not None and not isinstance(self.exclude_layers, (list, tuple, set, frozenset)):
+            raise ConfigError(f"exclude_layers must be a list of strings, got {self.exclude_layers!r}")
         self.exclude_layers = list(self.exclude_layers or [])
         if not all(isinstance(x, str) for x in self.exclude_layers):
             raise ConfigError(f"exclude_layers must be a list of strings, got {self.exclude_layers!r}")
+        if not isinstance(self.skip_tied, bool):
+            raise ConfigError(f"skip_tied must be true or false, got {self.skip_tied!r}")
         if self.on_indivisible not in ON_INDIVISIBLE:
             raise ConfigError(
                 f"unknown on_indivisible {self.on_indivisible!r}; supported: {', '.join(ON_INDIVISIBLE)}"
@@ -183,7 +187,14 @@ class QuantizationConfig:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"invalid YAML in quantization config: {e}") from e
-        return cls.from_dict(data if data is not None else {})
+        cfg = cls.from_dict(data if data is not None else {})
+        inner = data
+        while isinstance(inner, Mapping) and set(inner) == {"quantization"}:
+            inner = inner["quantization"]
+        if cfg.dtype is None and cfg.enabled is None and not (isinstance(inner, Mapping) and "dtype" in inner):
+            # a file that names no dtype means "off"; without this a quantizer would fill in its own format
+            cfg = dataclasses.replace(cfg, enabled=False)
+        return cfg
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _native
-from ..errors import ConfigError, UnsupportedFormatError
+from ..errors import ConfigError, ShapeError, UnsupportedFormatError
 from . import _ops
 from .config import INT4_GROUP_SIZES, MODES, QuantizationDtype
 
@@ -145,13 +145,15 @@ class QuantizedLinear(nn.Module):
         """The weight as float32 ``[out, in]`` on the layer's device."""
         if self.qdtype.is_float:
             return self.weight.to(torch.float32)
+        # the native decoders need real CPU tensors: not FakeTensors (export/compile) or FX proxies
+        native = not _ops.is_tracing() and self.qweight.device.type == "cpu"
         if self.qdtype == QuantizationDtype.INT8:
-            if self.qweight.device.type == "cpu":
+            if native:
                 return torch.from_numpy(
                     _native.dequantize_int8(self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy())
                 )
             return _ops.dequantize_int8_torch(self.qweight, self.scales, self.zero_points)
-        if self.qweight.device.type == "cpu":
+        if native:
             return torch.from_numpy(
                 _native.dequantize_int4(
                     self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size, self.in_features
@@ -201,16 +203,16 @@ class QuantizedLinear(nn.Module):
     # ---- forward ------------------------------------------------------------------------
     def _use_native(self, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
+            not _ops.is_tracing()
+            and x.device.type == "cpu"
             and self._storage().device.type == "cpu"
             and x.dtype in _FLOAT_INPUTS
             and not (x.requires_grad and torch.is_grad_enabled())
-            and not _ops.is_tracing()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
+        if isinstance(x, torch.Tensor) and x.shape[-1] != self.in_features:  # not for FX proxies
+            raise ShapeError(
                 f"QuantizedLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
         if self._use_native(x):

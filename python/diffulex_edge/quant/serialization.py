@@ -66,6 +66,7 @@ def _read_meta_safetensors(path: str) -> Dict[str, Any]:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("diffulex_edge")
             keys = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except Exception as e:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from e
     if raw is None:
@@ -75,6 +76,7 @@ def _read_meta_safetensors(path: str) -> Dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CorruptFileError(f"{path}: diffulex-edge metadata is not valid JSON ({e})") from e
     meta["_keys"] = keys
+    meta["_shapes"] = shapes
     return meta
 
 
@@ -101,6 +103,7 @@ def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = 
             raise CorruptFileError(f"{path}: no diffulex-edge metadata; was it written by save_quantized?")
         meta, state = payload["diffulex_edge"], payload["state_dict"]
         meta["_keys"] = set(state)
+        meta["_shapes"] = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
     if meta.get("format") != FORMAT_TAG:
         raise CorruptFileError(f"{path}: unknown format tag {meta.get('format')!r}, expected {FORMAT_TAG!r}")
 
@@ -143,9 +146,17 @@ def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = 
             f"{path} does not match the skeleton: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    # shape mismatches would only surface in load_state_dict, after modules were swapped and
+    # some tensors overwritten: check them first so a failed load leaves the skeleton as it was
+    expected = _expected_shapes(model_skeleton, replacements)
+    wrong = sorted(k for k in meta["_shapes"].keys() & expected.keys() if meta["_shapes"][k] != expected[k])
+    if wrong:
+        detail = ", ".join(f"{k}: file {list(meta['_shapes'][k])} vs skeleton {list(expected[k])}" for k in wrong[:5])
+        raise ShapeError(f"{path} does not match the skeleton: {detail}{'...' if len(wrong) > 5 else ''}")
     for name, q in replacements.items():
         if name:
             _set_module(model, name, q)
+    _materialize_meta(model, meta["_keys"])
     try:
         if state is None:
             from safetensors.torch import load_model
@@ -158,6 +169,36 @@ def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = 
     return model
 
 
+def _materialize_meta(model: nn.Module, file_keys: set) -> None:
+    """Give meta-device tensors that the file will fill real (uninitialized) CPU storage, as
+    copying into a meta tensor is a silent no-op. Shared tensors stay shared; tensors the file
+    does not hold (e.g. non-persistent buffers) stay on meta rather than become garbage."""
+    loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in file_keys}
+    new: Dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in list(store.items()):
+                if t is None or not t.is_meta or id(t) not in loaded:
+                    continue
+                if id(t) not in new:
+                    e = torch.empty_like(t, device="cpu")
+                    new[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+                store[key] = new[id(t)]
+
+
+def _expected_shapes(skeleton: nn.Module, replacements: Dict[str, QuantizedLinear]) -> Dict[str, tuple]:
+    """Shape of every state-dict entry the loaded model will have."""
+    shapes: Dict[str, tuple] = {}
+    if "" not in replacements:
+        for k, t in skeleton.state_dict(keep_vars=True).items():
+            if not any(n and k.startswith(n + ".") for n in replacements):
+                shapes[k] = tuple(t.shape)
+    for name, q in replacements.items():
+        prefix = f"{name}." if name else ""
+        shapes.update({prefix + k: tuple(t.shape) for k, t in q.state_dict().items()})
+    return shapes
+
+
 def _key_groups(skeleton: nn.Module, replacements: Dict[str, QuantizedLinear]) -> list:
     """State-dict keys the loaded model will have, grouped by shared storage."""
     groups: Dict[Any, set] = {}
@@ -165,7 +206,7 @@ def _key_groups(skeleton: nn.Module, replacements: Dict[str, QuantizedLinear]) -
         for k, t in skeleton.state_dict(keep_vars=True).items():
             if any(n and k.startswith(n + ".") for n in replacements):
                 continue
-            ident = k if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            ident = ("meta", id(t)) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
             groups.setdefault(ident, set()).add(k)
     out = list(groups.values())
     for name, q in replacements.items():

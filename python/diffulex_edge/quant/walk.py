@@ -15,15 +15,17 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import QuantizationError, ShapeError, UnsupportedFormatError
+from ..errors import NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
 from .config import QuantizationConfig, QuantizationDtype
 from .nn import QuantizedLinear
 from .result import LayerRecord, QuantizationResult
 
 log = logging.getLogger("diffulex_edge.quant")
 
-#: Largest finite float16 value (IEEE 754 binary16).
+#: Largest finite float16 value (IEEE 754 binary16); magnitudes from FP16_OVERFLOW up round to inf
+#: (65520 is halfway between 65504 and the next step, 65536, and ties round to the even inf).
 FP16_MAX = 65504.0
+FP16_OVERFLOW = 65520.0
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -128,9 +130,9 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
             padded.add(name)
         if cfg.dtype == QuantizationDtype.FP16:
             wmax = float(w.detach().abs().max()) if w.numel() else 0.0
-            if wmax > FP16_MAX and wmax != float("inf"):
-                raise QuantizationError(
-                    f"weight magnitude {wmax:.4g} exceeds the float16 range ({FP16_MAX}); use dtype='bf16' "
+            if wmax >= FP16_OVERFLOW and wmax != float("inf"):
+                raise NonFiniteWeightError(
+                    f"weight magnitude {wmax:.4g} exceeds the float16 range ({FP16_MAX}) and would become inf; use dtype='bf16' "
                     "or exclude this layer",
                     layer=name,
                 )
