@@ -1,7 +1,14 @@
 //! Weight formats. Each module has a scalar `*_ref` reference that is obviously correct and a
 //! fast path (rayon over rows, loops written for auto-vectorization) tested bit-exact against it.
 
+pub mod ggml_any;
+pub mod ggml_block;
+pub mod ggml_search;
+pub mod gguf_legacy;
+pub mod gguf_ternary;
 pub mod half_float;
+pub mod iq;
+pub mod k_quants;
 pub mod int4;
 pub mod int8;
 

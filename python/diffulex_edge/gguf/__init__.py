@@ -1,0 +1,7 @@
+"""GGUF support: GGML block formats (:mod:`.quants`) and the GGUF v3 container (:mod:`.file`)."""
+
+from .file import GGUFFile, GGUFWriter, TensorInfo, ValueType
+from .quants import GGML_TYPES, GGMLTypeInfo, dequantize, quantize, tensor_nbytes, type_info
+
+__all__ = ["GGML_TYPES", "GGMLTypeInfo", "GGUFFile", "GGUFWriter", "TensorInfo", "ValueType", "dequantize",
+           "quantize", "tensor_nbytes", "type_info"]
