@@ -8,53 +8,93 @@
 //! precision and re-round the weights, comparing against the plain round-to-nearest choice so the
 //! result is never worse than it under the same weights.
 
-/// Round half away from zero (C `roundf`, numpy-free `np_roundf` in gguf-py).
+/// Lanes of the accumulators below: every reduction runs as `L` independent partial sums added
+/// in a fixed order at the end, so the compiler can vectorize it and every SIMD level (and the
+/// scalar reference) computes the same floats.
+const L: usize = 8;
+
+/// Unit importances, for blocks quantized without an importance matrix.
+static ONES: [f32; 256] = [1.0; 256];
+
+#[inline(always)]
+fn weights(w: Option<&[f32]>, n: usize) -> &[f32] {
+    match w {
+        Some(w) => w,
+        None => &ONES[..n],
+    }
+}
+
+#[inline(always)]
+fn hsum(a: [f32; L]) -> f32 {
+    a.iter().fold(0f32, |s, v| s + v)
+}
+
+/// Round half away from zero (C `roundf`, gguf-py's `np_roundf`), as an integer. Branch-free so it
+/// vectorizes: truncate, then step by one when the (exact) fraction reaches one half. Saturates
+/// like `as i32` beyond the i32 range; callers clamp to their grid.
 #[inline(always)]
 pub fn round_i(x: f32) -> i32 {
-    x.round() as i32
+    let t = x as i32;
+    let f = x - t as f32;
+    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
 }
 
+/// Largest magnitude of a slice whose length is a multiple of 8.
 #[inline(always)]
-fn wt(w: Option<&[f32]>, i: usize) -> f32 {
-    match w {
-        Some(w) => w[i],
-        None => 1.0,
-    }
-}
-
-/// The element of largest magnitude, with its sign (the first one on ties).
-#[inline(always)]
-pub fn signed_absmax(x: &[f32]) -> f32 {
-    let mut best = 0f32;
-    let mut amax = 0f32;
-    for v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            best = *v;
+pub fn absmax(x: &[f32]) -> f32 {
+    let mut m = [0f32; L];
+    for c in x.chunks_exact(L) {
+        for i in 0..L {
+            let a = c[i].abs();
+            m[i] = if a > m[i] { a } else { m[i] };
         }
     }
-    best
+    m.iter().fold(0f32, |a, v| if *v > a { *v } else { a })
+}
+
+/// (min, max) of a slice whose length is a multiple of 8.
+#[inline(always)]
+pub fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L]);
+    for c in x.chunks_exact(L) {
+        for i in 0..L {
+            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+        }
+    }
+    (lo.iter().fold(f32::INFINITY, |a, v| a.min(*v)), hi.iter().fold(f32::NEG_INFINITY, |a, v| a.max(*v)))
+}
+
+/// The element of largest magnitude, with its sign (the first one on ties, like numpy's argmax).
+#[inline(always)]
+pub fn signed_absmax(x: &[f32]) -> f32 {
+    let amax = absmax(x);
+    x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
 }
 
 /// Best `d` for `x ≈ d * q`, `q` an integer in `[qmin, qmax]`. The candidates map the largest-
 /// magnitude element `m` to `qmin + 0.1 t` (the longer, negative end) and to `qmax + 0.1 t`,
 /// for `t` in `-ntry..=ntry`; each is scored by the weighted least-squares fit of its rounding.
+#[inline(always)]
 pub fn search_sym(x: &[f32], w: Option<&[f32]>, qmin: i32, qmax: i32, ntry: i32) -> f32 {
     let m = signed_absmax(x);
     if m == 0.0 {
         return 0.0;
     }
+    let w = weights(w, x.len());
     let (mut best_score, mut best_d) = (-1f32, 0f32);
     for end in [-(qmin as f32), -(qmax as f32)] {
         for t in -ntry..=ntry {
             let iscale = -(end + 0.1 * t as f32) / m;
-            let (mut sumlx, mut suml2) = (0f32, 0f32);
-            for (i, v) in x.iter().enumerate() {
-                let l = round_i(iscale * v).clamp(qmin, qmax) as f32;
-                let ww = wt(w, i);
-                sumlx += ww * v * l;
-                suml2 += ww * l * l;
+            let (mut alx, mut al2) = ([0f32; L], [0f32; L]);
+            for (xc, wc) in x.chunks_exact(L).zip(w.chunks_exact(L)) {
+                for i in 0..L {
+                    let l = round_i(iscale * xc[i]).clamp(qmin, qmax) as f32;
+                    alx[i] += wc[i] * xc[i] * l;
+                    al2[i] += wc[i] * l * l;
+                }
             }
+            let (sumlx, suml2) = (hsum(alx), hsum(al2));
             if suml2 > 0.0 {
                 let score = sumlx * sumlx / suml2;
                 if score > best_score {
@@ -80,13 +120,16 @@ pub fn levels_sym(x: &[f32], d: f32, qmin: i32, qmax: i32, out: &mut [i32]) {
 #[inline(always)]
 pub fn error_sym(x: &[f32], w: Option<&[f32]>, d: f32, qmin: i32, qmax: i32) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut e = 0f32;
-    for (i, v) in x.iter().enumerate() {
-        let l = round_i(v * id).clamp(qmin, qmax) as f32;
-        let diff = d * l - v;
-        e += wt(w, i) * diff * diff;
+    let w = weights(w, x.len());
+    let mut e = [0f32; L];
+    for (xc, wc) in x.chunks_exact(L).zip(w.chunks_exact(L)) {
+        for i in 0..L {
+            let l = round_i(xc[i] * id).clamp(qmin, qmax) as f32;
+            let diff = d * l - xc[i];
+            e[i] += wc[i] * diff * diff;
+        }
     }
-    e
+    hsum(e)
 }
 
 /// Of the candidate stored scales, the one with the lowest weighted error (first on ties).
@@ -110,34 +153,39 @@ pub fn pick_sym(x: &[f32], w: Option<&[f32]>, cands: &[f32], qmin: i32, qmax: i3
 /// Best `(d, mn)` for `x ≈ d * q + mn`, `q` in `[0, nmax]`. With `min_le_zero` the offset is kept
 /// `<= 0` (K-quants store `-mn` as an unsigned min). Candidates stretch the range by
 /// `(nmax + 0.1 t) / (max - min)`; each rounding gets a weighted 2x2 least-squares refit.
+#[inline(always)]
 pub fn search_affine(x: &[f32], w: Option<&[f32]>, nmax: i32, ntry: i32, min_le_zero: bool) -> (f32, f32) {
-    let mut lo = x.iter().cloned().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let (mut lo, hi) = min_max(x);
     if min_le_zero && lo > 0.0 {
         lo = 0.0;
     }
     if hi <= lo {
         return (0.0, lo);
     }
-    let (mut sw, mut sx, mut sx2) = (0f32, 0f32, 0f32);
-    for (i, v) in x.iter().enumerate() {
-        let ww = wt(w, i);
-        sw += ww;
-        sx += ww * v;
-        sx2 += ww * v * v;
+    let w = weights(w, x.len());
+    let (mut aw, mut ax, mut ax2) = ([0f32; L], [0f32; L], [0f32; L]);
+    for (xc, wc) in x.chunks_exact(L).zip(w.chunks_exact(L)) {
+        for i in 0..L {
+            aw[i] += wc[i];
+            ax[i] += wc[i] * xc[i];
+            ax2[i] += wc[i] * xc[i] * xc[i];
+        }
     }
+    let (sw, sx, sx2) = (hsum(aw), hsum(ax), hsum(ax2));
     let mut best = ((hi - lo) / nmax as f32, lo);
     let mut best_e = f32::INFINITY;
     for t in -ntry..=ntry {
         let iscale = (nmax as f32 + 0.1 * t as f32) / (hi - lo);
-        let (mut sl, mut sl2, mut slx) = (0f32, 0f32, 0f32);
-        for (i, v) in x.iter().enumerate() {
-            let l = round_i(iscale * (v - lo)).clamp(0, nmax) as f32;
-            let ww = wt(w, i);
-            sl += ww * l;
-            sl2 += ww * l * l;
-            slx += ww * l * v;
+        let (mut al, mut al2, mut alx) = ([0f32; L], [0f32; L], [0f32; L]);
+        for (xc, wc) in x.chunks_exact(L).zip(w.chunks_exact(L)) {
+            for i in 0..L {
+                let l = round_i(iscale * (xc[i] - lo)).clamp(0, nmax) as f32;
+                al[i] += wc[i] * l;
+                al2[i] += wc[i] * l * l;
+                alx[i] += wc[i] * l * xc[i];
+            }
         }
+        let (sl, sl2, slx) = (hsum(al), hsum(al2), hsum(alx));
         let det = sw * sl2 - sl * sl;
         if det <= 0.0 {
             continue;
@@ -162,13 +210,16 @@ pub fn search_affine(x: &[f32], w: Option<&[f32]>, nmax: i32, ntry: i32, min_le_
 #[inline(always)]
 pub fn error_affine(x: &[f32], w: Option<&[f32]>, d: f32, mn: f32, nmax: i32) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut e = 0f32;
-    for (i, v) in x.iter().enumerate() {
-        let l = round_i((v - mn) * id).clamp(0, nmax) as f32;
-        let diff = d * l + mn - v;
-        e += wt(w, i) * diff * diff;
+    let w = weights(w, x.len());
+    let mut e = [0f32; L];
+    for (xc, wc) in x.chunks_exact(L).zip(w.chunks_exact(L)) {
+        for i in 0..L {
+            let l = round_i((xc[i] - mn) * id).clamp(0, nmax) as f32;
+            let diff = d * l + mn - xc[i];
+            e[i] += wc[i] * diff * diff;
+        }
     }
-    e
+    hsum(e)
 }
 
 #[inline(always)]
@@ -200,6 +251,7 @@ pub fn pick_affine(x: &[f32], w: Option<&[f32]>, cands: &[(f32, f32)], nmax: i32
 /// Optimal ternary scale for `x ≈ d * t`, `t` in {-1, 0, 1}: for a given `d` the non-zero set is
 /// `{|x| > d/2}`, a top-k set by magnitude, so scanning k over the sorted magnitudes and taking
 /// the weighted least-squares `d` of each finds the exact optimum.
+#[inline(always)]
 pub fn search_ternary(x: &[f32], w: Option<&[f32]>) -> f32 {
     let mut idx: [u16; 256] = [0; 256];
     let n = x.len().min(256);
@@ -208,11 +260,12 @@ pub fn search_ternary(x: &[f32], w: Option<&[f32]>) -> f32 {
     }
     let idx = &mut idx[..n];
     idx.sort_unstable_by(|a, b| x[*b as usize].abs().total_cmp(&x[*a as usize].abs()));
+    let w = weights(w, n);
     let (mut sax, mut sw) = (0f32, 0f32);
     let (mut best_score, mut best_d) = (0f32, 0f32);
     for &i in idx.iter() {
         let i = i as usize;
-        let ww = wt(w, i);
+        let ww = w[i];
         sax += ww * x[i].abs();
         sw += ww;
         if sw > 0.0 {
@@ -244,18 +297,20 @@ pub fn nearest_in(values: &[f32; 16], v: f32) -> usize {
 
 /// Best `d` for `x ≈ d * values[q]` with a non-uniform ascending codebook (IQ4_NL): candidates
 /// map the largest-magnitude element to `values[0] + t` for `t` in `-ntry..=ntry`.
+#[inline(always)]
 pub fn search_codebook(x: &[f32], w: Option<&[f32]>, values: &[f32; 16], ntry: i32) -> f32 {
     let m = signed_absmax(x);
     if m == 0.0 {
         return 0.0;
     }
+    let w = weights(w, x.len());
     let (mut best_score, mut best_d) = (-1f32, 0f32);
     for t in -ntry..=ntry {
         let id = (values[0] + t as f32) / m;
         let (mut sqx, mut sq2) = (0f32, 0f32);
         for (i, v) in x.iter().enumerate() {
             let q = values[nearest_in(values, id * v)];
-            let ww = wt(w, i);
+            let ww = w[i];
             sqx += ww * q * v;
             sq2 += ww * q * q;
         }
@@ -274,10 +329,11 @@ pub fn search_codebook(x: &[f32], w: Option<&[f32]>, values: &[f32; 16], ntry: i
 #[inline(always)]
 pub fn error_codebook(x: &[f32], w: Option<&[f32]>, values: &[f32; 16], d: f32) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let w = weights(w, x.len());
     let mut e = 0f32;
     for (i, v) in x.iter().enumerate() {
         let diff = d * values[nearest_in(values, v * id)] - v;
-        e += wt(w, i) * diff * diff;
+        e += w[i] * diff * diff;
     }
     e
 }
@@ -294,6 +350,17 @@ mod tests {
             let lin = (0..16).min_by(|a, b| (vals[*a] - v).abs().total_cmp(&(vals[*b] - v).abs())).unwrap();
             let got = nearest_in(&vals, v);
             assert!((vals[got] - v).abs() == (vals[lin] - v).abs(), "{v}: {got} vs {lin}");
+        }
+    }
+
+    #[test]
+    fn round_i_is_roundf() {
+        for k in -100000..100000 {
+            let x = k as f32 * 0.00125 + (k % 7) as f32 * 1e-7;
+            assert_eq!(round_i(x), x.round() as i32, "{x}");
+        }
+        for x in [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 8388607.5, 1e10, -1e10, 0.0, -0.0] {
+            assert_eq!(round_i(x), x.round() as i32, "{x}");
         }
     }
 

@@ -11,7 +11,7 @@
 //! divisions, truncations and half-away-from-zero rounding), hence the same bytes.
 
 use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType};
-use super::ggml_search::{levels_affine, levels_sym, pick_affine, pick_sym, search_affine, search_sym, signed_absmax};
+use super::ggml_search::{absmax, levels_affine, levels_sym, min_max, pick_affine, pick_sym, round_i, search_affine, search_sym, signed_absmax};
 
 #[repr(C)]
 pub struct BlockQ4_0 { pub d: [u8; 2], pub qs: [u8; 16] }
@@ -80,8 +80,7 @@ fn quantize_sym_block(x: &[f32], imp: Option<&[f32]>, half: i32, ntry: i32) -> (
 
 #[inline(always)]
 fn quantize_affine_block(x: &[f32], imp: Option<&[f32]>, nmax: i32, ntry: i32) -> (f32, f32, [i32; 32]) {
-    let lo = x.iter().cloned().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let (lo, hi) = min_max(x);
     let rtn = (f16_round((hi - lo) / nmax as f32), f16_round(lo));
     let (d, mn) = search_affine(x, imp, nmax, ntry, false);
     let (d, mn) = pick_affine(x, imp, &[(f16_round(d), f16_round(mn)), rtn], nmax);
@@ -97,7 +96,8 @@ fn rtn_sym(x: &[f32], half: f32, qmax: u8) -> (f32, [i32; 32]) {
     let id = inv(d);
     let mut l = [0i32; 32];
     for (o, v) in l.iter_mut().zip(x) {
-        *o = ((v * id + (half + 0.5)).trunc() as u8).min(qmax) as i32;
+        // v * id >= -half, so the sum is positive and `as i32` is numpy's trunc
+        *o = ((v * id + (half + 0.5)) as i32).clamp(0, qmax as i32);
     }
     (d, l)
 }
@@ -105,13 +105,12 @@ fn rtn_sym(x: &[f32], half: f32, qmax: u8) -> (f32, [i32; 32]) {
 /// gguf-py Q4_1 / Q5_1: `d = (max - min) / nmax`, `q = trunc((x - min) / d + 0.5)` clipped.
 #[inline(always)]
 fn rtn_affine(x: &[f32], nmax: f32) -> (f32, f32, [i32; 32]) {
-    let lo = x.iter().cloned().fold(f32::INFINITY, f32::min);
-    let hi = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let (lo, hi) = min_max(x);
     let d = (hi - lo) / nmax;
     let id = inv(d);
     let mut l = [0i32; 32];
     for (o, v) in l.iter_mut().zip(x) {
-        *o = (((v - lo) * id + 0.5).trunc() as u8).min(nmax as u8) as i32;
+        *o = (((v - lo) * id + 0.5) as i32).clamp(0, nmax as i32);
     }
     (d, lo, l)
 }
@@ -270,7 +269,7 @@ impl BlockFormat for Q8_0 {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = absmax(x);
         let rtn = f16_round(amax / 127.0);
         let best = f16_round(search_sym(x, imp, -128, 127, NTRY_8BIT));
         let d = pick_sym(x, imp, &[best, rtn], -128, 127);
@@ -285,13 +284,13 @@ impl BlockFormat for Q8_0 {
 
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {
-        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = absmax(x);
         let d = amax / 127.0;
         let id = inv(d);
         let b: &mut BlockQ8_0 = block_mut(out);
         b.d = f16_bits(d);
         for (q, v) in b.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8 as u8;
+            *q = round_i(v * id).clamp(-128, 127) as i8 as u8;
         }
     }
 

@@ -10,7 +10,7 @@
 //! Layouts from ggml-common.h (`block_tq1_0`, `block_tq2_0`) and gguf-py's `TQ1_0`/`TQ2_0`.
 
 use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
-use super::ggml_search::{levels_sym, pick_sym, search_ternary};
+use super::ggml_search::{absmax, levels_sym, pick_sym, round_i, search_ternary};
 
 #[repr(C)]
 pub struct BlockTQ1_0 { pub qs: [u8; 48], pub qh: [u8; 4], pub d: [u8; 2] }
@@ -27,7 +27,7 @@ unsafe impl ByteBlock for BlockTQ2_0 {}
 /// Search mode: the weighted-optimal ternary scale, or absmax when that is no worse.
 #[inline(always)]
 fn ternary_levels(x: &[f32], imp: Option<&[f32]>) -> (f32, [i32; QK_K]) {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let amax = absmax(x);
     let d = pick_sym(x, imp, &[f16_round(search_ternary(x, imp)), f16_round(amax)], -1, 1);
     let mut l = [0i32; QK_K];
     levels_sym(x, d, -1, 1, &mut l);
@@ -40,11 +40,11 @@ fn ternary_levels(x: &[f32], imp: Option<&[f32]>) -> (f32, [i32; QK_K]) {
 /// gguf-py: `d = absmax`, `t = roundf(x / d)` (half away from zero), `+ 1`.
 #[inline(always)]
 fn ternary_levels_rtn(x: &[f32]) -> (f32, [i32; QK_K]) {
-    let d = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = absmax(x);
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     let mut l = [0i32; QK_K];
     for (o, v) in l.iter_mut().zip(x) {
-        *o = (v * id).round() as i32 + 1;
+        *o = round_i(v * id).clamp(-1, 1) + 1;
     }
     (d, l)
 }

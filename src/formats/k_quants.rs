@@ -61,7 +61,7 @@ fn affine_subblocks<const NS: usize>(x: &[f32], imp: Option<&[f32]>, nmax: i32) 
 /// Quantize non-negative sub-block values to `[0, qmax]` codes against a stored f16 super-scale.
 #[inline(always)]
 fn super_codes<const NS: usize>(v: &[f32; NS], qmax: i32) -> (f32, [i32; NS]) {
-    let vmax = v.iter().cloned().fold(0f32, f32::max);
+    let vmax = v.iter().fold(0f32, |a, b| if *b > a { *b } else { a });
     let d = f16_round(vmax / qmax as f32);
     let id = inv(d);
     let mut codes = [0i32; NS];
