@@ -157,13 +157,13 @@ def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[n
 
 
 def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
-                imatrix: Optional[Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
+                imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
                 name: Optional[str] = None, mode: str = "search") -> ExportReport:
     """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF.
 
     quant: a llama.cpp mix (`Q4_K_M`, `Q4_K_S`, `Q5_K_M`, `Q6_K`, `Q8_0`, `Q2_K`, `Q3_K_M`, `IQ4_XS`,
     `TQ1_0`, `TQ2_0`, ... see `MIXES`). imatrix: per-column importances keyed by GGUF or HF tensor
-    name. overrides: `{regex: type}` applied to GGUF tensor names before the mix. Returns the
+    name, or the path of a llama.cpp imatrix file (GGUF or legacy .dat). overrides: `{regex: type}` applied to GGUF tensor names before the mix. Returns the
     per-tensor report (type, bits per weight, why).
     """
     cls = type(model).__name__
@@ -173,6 +173,10 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
     if hf_arch is None:
         raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
+    if isinstance(imatrix, (str, os.PathLike)):
+        from ..gguf.imatrix import load_imatrix
+
+        imatrix = load_imatrix(imatrix)
     quant = quant.upper()
     if quant not in MIXES:
         raise ConfigError(f"unknown quantization {quant!r}; supported: {', '.join(MIXES)}")
