@@ -30,10 +30,11 @@ fn hsum(a: [f32; L]) -> f32 {
 }
 
 /// Round half away from zero (C `roundf`, gguf-py's `np_roundf`), as an integer. Branch-free so it
-/// vectorizes: truncate, then step by one when the (exact) fraction reaches one half. Saturates
-/// like `as i32` beyond the i32 range; callers clamp to their grid.
+/// vectorizes: truncate, then step by one when the (exact) fraction reaches one half. Exact for
+/// |x| < 1e9; larger magnitudes saturate at +-1e9 (callers clamp to their small grids anyway).
 #[inline(always)]
 pub fn round_i(x: f32) -> i32 {
+    let x = x.clamp(-1.0e9, 1.0e9);
     let t = x as i32;
     let f = x - t as f32;
     t + (f >= 0.5) as i32 - (f <= -0.5) as i32
@@ -359,9 +360,12 @@ mod tests {
             let x = k as f32 * 0.00125 + (k % 7) as f32 * 1e-7;
             assert_eq!(round_i(x), x.round() as i32, "{x}");
         }
-        for x in [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 8388607.5, 1e10, -1e10, 0.0, -0.0] {
+        for x in [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 8388607.5, 0.0, -0.0, 9.9e8, -9.9e8] {
             assert_eq!(round_i(x), x.round() as i32, "{x}");
         }
+        assert_eq!(round_i(1e10), 1_000_000_000);
+        assert_eq!(round_i(-1e30), -1_000_000_000);
+        assert_eq!(round_i(f32::NAN), 0);
     }
 
     #[test]
