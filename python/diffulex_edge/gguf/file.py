@@ -155,9 +155,8 @@ class GGUFWriter:
 
     def add_raw_tensor(self, name: str, data: np.ndarray, ggml_type, shape: Sequence[int]) -> None:
         """Add already-encoded bytes of ``ggml_type`` for a tensor of numpy ``shape``."""
-        info = GGML_TYPES_BY_ID.get(ggml_type) if isinstance(ggml_type, int) else None
-        tid = int(ggml_type) if isinstance(ggml_type, int) else type_info(ggml_type).id
-        _ = info
+        # an int id may name any ggml type (sizes are checked in Rust); names must be ones we know
+        tid = int(ggml_type) if isinstance(ggml_type, (int, np.integer)) else type_info(ggml_type).id
         raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         self._tensors[name] = (tuple(int(s) for s in reversed(tuple(shape))), tid, raw)
 
