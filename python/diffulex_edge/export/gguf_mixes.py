@@ -136,4 +136,7 @@ def choose_type(name: str, shape: Sequence[int], ctx: MixContext, overrides=()) 
             return t2, (f"override {rx.pattern!r} -> {t}, fallback" if fell else f"override {rx.pattern!r}")
     t = mix_type(name, row_len, ctx)
     t2, fell = with_fallback(t, row_len)
-    return t2, (f"{ctx.mix} wants {t}; row {row_len} not a multiple of its block: fallback" if fell else ctx.mix)
+    if fell:
+        return t2, f"{ctx.mix} wants {t}; row {row_len} not a multiple of its block: fallback"
+    base = MIXES[ctx.mix][0]
+    return t2, (ctx.mix if t2 == base else f"{ctx.mix} rule: {base} -> {t2}")
