@@ -150,3 +150,8 @@ def test_huge_counts(tmp_path):
     with pytest.raises(CorruptFileError, match="magic"):
         q.write_bytes(b"GGML" + bytes(data[4:]))
         GGUFFile.read(q)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        GGUFFile.read(tmp_path / "nope.gguf")

@@ -94,6 +94,8 @@ class GGUFFile:
     def read(cls, path: Union[str, os.PathLike]) -> "GGUFFile":
         """Parse and validate ``path``; raises :class:`CorruptFileError` on any inconsistency."""
         path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no GGUF file at {path!r}")
         h = _native.gguf_read_header(path)
         metadata = {k: v for k, _, v in h["metadata"]}
         types = {k: tuple(t) for k, t, _ in h["metadata"]}
