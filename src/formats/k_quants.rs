@@ -7,7 +7,7 @@
 //! re-rounded against the scales exactly as they will be decoded.
 
 use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
-use super::ggml_search::{round_i, search_affine, search_sym};
+use super::ggml_search::{error_affine, round_i, search_affine, search_sym};
 
 #[repr(C)]
 pub struct BlockQ2K { pub scales: [u8; 16], pub qs: [u8; 64], pub d: [u8; 2], pub dmin: [u8; 2] }
@@ -85,6 +85,27 @@ fn signed_super_codes<const NS: usize>(v: &[f32; NS], half: i32) -> (f32, [i32; 
     (d, codes)
 }
 
+/// Re-pick one sub-block's (scale, min) codes among their neighbours (+-1) by the weighted error of
+/// the decoded values: rounding each code on its own ignores how the two interact.
+#[inline(always)]
+fn refine_codes(x: &[f32], w: Option<&[f32]>, d: f32, dmin: f32, sc: &mut i32, mc: &mut i32, qmax: i32, nmax: i32) {
+    let (s0, m0) = (*sc, *mc);
+    let mut best = error_affine(x, w, d * s0 as f32, -(dmin * m0 as f32), nmax);
+    for s in (s0 - 1).max(0)..=(s0 + 1).min(qmax) {
+        for m in (m0 - 1).max(0)..=(m0 + 1).min(qmax) {
+            if s == s0 && m == m0 {
+                continue;
+            }
+            let e = error_affine(x, w, d * s as f32, -(dmin * m as f32), nmax);
+            if e < best {
+                best = e;
+                *sc = s;
+                *mc = m;
+            }
+        }
+    }
+}
+
 /// Weights to unsigned levels for `x ≈ dl * q - ml`.
 #[inline(always)]
 fn affine_levels(x: &[f32], dl: f32, ml: f32, nmax: i32, out: &mut [i32]) {
@@ -131,7 +152,12 @@ fn unpack_scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 fn quantize_q45k(x: &[f32], imp: Option<&[f32]>, nmax: i32) -> (f32, f32, [u8; 12], [i32; QK_K]) {
     let (scales, mins) = affine_subblocks::<8>(x, imp, nmax);
     let (d, sc) = super_codes(&scales, 63);
-    let (dmin, mc) = super_codes(&mins, 63);
+    let (dmin, mut mc) = super_codes(&mins, 63);
+    let mut sc = sc;
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * (j + 1)];
+        refine_codes(xs, sub(imp, 32 * j, 32), d, dmin, &mut sc[j], &mut mc[j], 63, nmax);
+    }
     let mut l = [0i32; QK_K];
     for j in 0..8 {
         let dl = d * sc[j] as f32;
@@ -236,8 +262,11 @@ impl BlockFormat for Q2K {
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (scales, mins) = affine_subblocks::<16>(x, imp, 3);
-        let (d, sc) = super_codes(&scales, 15);
-        let (dmin, mc) = super_codes(&mins, 15);
+        let (d, mut sc) = super_codes(&scales, 15);
+        let (dmin, mut mc) = super_codes(&mins, 15);
+        for j in 0..16 {
+            refine_codes(&x[16 * j..16 * (j + 1)], sub(imp, 16 * j, 16), d, dmin, &mut sc[j], &mut mc[j], 15, 3);
+        }
         let mut l = [0i32; QK_K];
         for j in 0..16 {
             affine_levels(&x[16 * j..16 * (j + 1)], d * sc[j] as f32, dmin * mc[j] as f32, 3, &mut l[16 * j..16 * (j + 1)]);
