@@ -69,8 +69,29 @@ pub fn min_max(x: &[f32]) -> (f32, f32) {
 /// The element of largest magnitude, with its sign (the first one on ties, like numpy's argmax).
 #[inline(always)]
 pub fn signed_absmax(x: &[f32]) -> f32 {
-    let amax = absmax(x);
-    x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+    let amax = absmax_any(x);
+    // first index with |x| == amax, via a bit mask per 32 elements (compare + movemask, no
+    // data-dependent branch per element)
+    for (c, chunk) in x.chunks(32).enumerate() {
+        let mut mask = 0u32;
+        for (i, v) in chunk.iter().enumerate() {
+            mask |= ((v.abs() == amax) as u32) << i;
+        }
+        if mask != 0 {
+            return x[32 * c + mask.trailing_zeros() as usize];
+        }
+    }
+    0.0
+}
+
+/// `absmax` for any length (the lane-wise version wants multiples of 8).
+#[inline(always)]
+fn absmax_any(x: &[f32]) -> f32 {
+    if x.len() % L == 0 {
+        absmax(x)
+    } else {
+        x.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a })
+    }
 }
 
 /// Best `d` for `x ≈ d * q`, `q` an integer in `[qmin, qmax]`. The candidates map the largest-
