@@ -61,7 +61,8 @@ fn pack_tq2(l: &[i32; QK_K], b: &mut BlockTQ2_0) {
 fn encode_trits(digits: impl Iterator<Item = i32>) -> u8 {
     // base-3, most significant digit first (weights 81, 27, 9, 3, 1)
     let v = digits.fold(0u16, |acc, t| acc * 3 + t as u16);
-    ((v * 256 + 242) / 243) as u8
+    // ceil(v * 256 / 243), gguf-py's `(v * 256 + (243 - 1)) // 243`
+    (v * 256).div_ceil(243) as u8
 }
 
 #[inline(always)]

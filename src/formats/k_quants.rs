@@ -36,7 +36,7 @@ unsafe impl ByteBlock for BlockQ6K {}
 const NTRY: i32 = 8;
 
 #[inline(always)]
-fn sub<'a>(w: Option<&'a [f32]>, lo: usize, n: usize) -> Option<&'a [f32]> {
+fn sub(w: Option<&[f32]>, lo: usize, n: usize) -> Option<&[f32]> {
     w.map(|w| &w[lo..lo + n])
 }
 
@@ -88,6 +88,7 @@ fn signed_super_codes<const NS: usize>(v: &[f32; NS], half: i32) -> (f32, [i32; 
 /// Re-pick one sub-block's (scale, min) codes among their neighbours (+-1) by the weighted error of
 /// the decoded values: rounding each code on its own ignores how the two interact.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn refine_codes(x: &[f32], w: Option<&[f32]>, d: f32, dmin: f32, sc: &mut i32, mc: &mut i32, qmax: i32, nmax: i32) {
     let (s0, m0) = (*sc, *mc);
     let mut best = error_affine(x, w, d * s0 as f32, -(dmin * m0 as f32), nmax);
