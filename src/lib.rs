@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod formats;
+pub mod gguf;
 pub mod kernels;
 
 #[cfg(feature = "python")]

@@ -68,3 +68,21 @@ def linear_w8a8(
     bias: Optional[npt.NDArray[np.float32]] = None,
     kernel: str = "auto",
 ) -> None: ...
+
+# --- GGML block formats and the GGUF container (src/python/gguf.rs) ---
+import os
+from typing import Any, Dict, List, Tuple, Union
+
+def ggml_types() -> List[Tuple[str, int, int, int, bool]]: ...
+def ggml_quantize(
+    w: npt.NDArray[np.float32], qtype: str, imatrix: Optional[npt.NDArray[np.float32]] = None, mode: str = "search",
+    kernel: str = "auto", reference: bool = False,
+) -> npt.NDArray[np.uint8]: ...
+def ggml_dequantize(
+    data: npt.NDArray[np.uint8], qtype: str, n: int, kernel: str = "auto", reference: bool = False,
+) -> npt.NDArray[np.float32]: ...
+def gguf_read_header(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]: ...
+def gguf_write(
+    path: Union[str, "os.PathLike[str]"], metadata: List[Tuple[str, List[int], Any]],
+    tensors: List[Tuple[str, List[int], int, npt.NDArray[np.uint8]]],
+) -> None: ...

@@ -1,7 +1,14 @@
 //! Weight formats. Each module has a scalar `*_ref` reference that is obviously correct and a
 //! fast path (rayon over rows, loops written for auto-vectorization) tested bit-exact against it.
 
+pub mod ggml_any;
+pub mod ggml_block;
+pub mod ggml_search;
+pub mod gguf_legacy;
+pub mod gguf_ternary;
 pub mod half_float;
+pub mod iq;
+pub mod k_quants;
 pub mod int4;
 pub mod int8;
 
@@ -17,6 +24,8 @@ pub enum Format {
     Int8PerChannel,
     /// INT4, one scale and zero point per `group` consecutive input columns; two nibbles a byte.
     Int4Grouped { group: usize },
+    /// A GGML block format (`q4_0`, `q4_K`, `tq2_0`, `iq4_xs`, ...; see `ggml_block::GgmlType`).
+    Ggml(ggml_block::GgmlType),
 }
 
 /// Group sizes the INT4 format accepts.
@@ -35,6 +44,8 @@ impl Format {
             Format::BF16 => "bf16".into(),
             Format::Int8PerChannel => "int8".into(),
             Format::Int4Grouped { group } => format!("int4_g{group}"),
+            // ggml's spelling (`ggml_type_name`): lower case except the K of K-quants
+            Format::Ggml(t) => t.name().to_ascii_lowercase().replace("_k", "_K"),
         }
     }
 
@@ -47,12 +58,18 @@ impl Format {
             "int8" | "q8" => Format::Int8PerChannel,
             other => match other.strip_prefix("int4_g").and_then(|g| g.parse::<usize>().ok()) {
                 Some(group) if INT4_GROUP_SIZES.contains(&group) => Format::Int4Grouped { group },
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "unknown format {name:?}; supported: {}",
-                        Format::NAMES.join(", ")
-                    )))
-                }
+                _ => match ggml_block::GgmlType::parse(other) {
+                    Ok(t) if t.block_size() > 1 => Format::Ggml(t),
+                    _ => {
+                        let ggml: Vec<String> = ggml_block::GgmlType::ALL.iter().filter(|t| t.block_size() > 1)
+                            .map(|t| Format::Ggml(*t).name()).collect();
+                        return Err(Error::Unsupported(format!(
+                            "unknown format {name:?}; supported: {}, {}",
+                            Format::NAMES.join(", "),
+                            ggml.join(", ")
+                        )));
+                    }
+                },
             },
         };
         Ok(f)
@@ -70,6 +87,7 @@ impl Format {
                 let groups = cols.div_ceil(*group);
                 rows * (cols.div_ceil(2) + groups * 5)
             }
+            Format::Ggml(t) => rows * cols.div_ceil(t.block_size()) * t.type_size(),
         };
         bytes as f64 * 8.0 / n
     }
@@ -86,7 +104,14 @@ mod tests {
         }
         assert!(matches!(Format::parse("int4_g48"), Err(Error::Unsupported(_))));
         let msg = Format::parse("q3").unwrap_err().to_string();
-        assert!(msg.contains("int4_g128"), "{msg}");
+        assert!(msg.contains("int4_g128") && msg.contains("q4_K"), "{msg}");
+        for t in ggml_block::GgmlType::ALL.iter().filter(|t| t.block_size() > 1) {
+            let f = Format::Ggml(*t);
+            assert_eq!(Format::parse(&f.name()).unwrap(), f);
+            assert_eq!(f.bits_per_weight(2, t.block_size()), t.bits_per_weight());
+        }
+        assert_eq!(Format::parse("Q4_K").unwrap().name(), "q4_K");
+        assert_eq!(Format::parse("tq2_0").unwrap().bits_per_weight(1, 256), 66.0 * 8.0 / 256.0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! matmul kernels are written into caller-provided arrays so no copy is made on the way back.
 
 mod errors;
+mod gguf;
 
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyReadwriteArray1};
 use pyo3::prelude::*;
@@ -230,5 +231,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear_int4, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_act_int8, m)?)?;
     m.add_function(wrap_pyfunction!(linear_w8a8, m)?)?;
+    gguf::register(m)?;
     Ok(())
 }

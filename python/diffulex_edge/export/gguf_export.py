@@ -1,0 +1,230 @@
+"""Export Hugging Face Llama-family causal LMs (Llama, Mistral, Qwen2) to a GGUF file llama.cpp loads.
+
+Tensor names and metadata follow llama.cpp's conventions (gguf-py's `MODEL_TENSORS` / `Keys`, read
+for reference): `token_embd`, `blk.N.attn_q` ... `output`, `general.architecture`, `<arch>.*`
+hyper-parameters. For the `llama` architecture the Q and K projections are permuted the way
+llama.cpp's `convert_hf_to_gguf.py` does (HF stores rotary halves split; GGUF interleaves them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ..errors import ConfigError, UnsupportedFormatError
+from ..gguf.file import GGUFWriter, ValueType
+from ..gguf.quants import GGML_TYPES, quantize
+from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
+
+#: HF architecture class -> (GGUF architecture, permute Q/K)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+
+_LAYER_MAP = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> Optional[str]:
+    """HF parameter name -> llama.cpp tensor name (None for buffers llama.cpp does not use)."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")
+    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        if module in _LAYER_MAP and kind in ("weight", "bias"):
+            return f"blk.{int(parts[2])}.{_LAYER_MAP[module]}.{kind}"
+    return None
+
+
+def permute_qk(w: np.ndarray, n_head: int, n_head_kv: Optional[int] = None) -> np.ndarray:
+    """HF rotary layout (halves) -> GGUF (interleaved pairs), as convert_hf_to_gguf's `permute`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: Tuple[int, ...]
+    ggml_type: str
+    nbytes: int
+    reason: str
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8.0 / max(1, int(np.prod(self.shape)))
+
+
+@dataclass
+class ExportReport:
+    path: str
+    quant: str
+    tensors: List[TensorReport] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Over every tensor in the file (what llama.cpp prints as BPW)."""
+        return self.nbytes * 8.0 / max(1, self.n_params)
+
+    def type_counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for t in self.tensors:
+            out[t.ggml_type] = out.get(t.ggml_type, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.quant}, {len(self.tensors)} tensors, {self.n_params:,} weights, "
+                 f"{self.nbytes:,} bytes, {self.bits_per_weight:.3f} bits/weight"]
+        w = max((len(t.name) for t in self.tensors), default=10)
+        for t in self.tensors:
+            lines.append(f"  {t.name:<{w}}  {str(list(t.shape)):<14} {t.ggml_type:<7} {t.bits_per_weight:6.3f} bpw  {t.reason}")
+        return "\n".join(lines)
+
+
+def _config_value(cfg, *names, default=None):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _hparams(model, arch: str) -> List[Tuple[str, Any, ValueType]]:
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
+    head_dim = _config_value(cfg, "head_dim", default=cfg.hidden_size // n_head)
+    u32, f32 = ValueType.UINT32, ValueType.FLOAT32
+    rope_theta = _config_value(cfg, "rope_theta", default=None)
+    if rope_theta is None:
+        rope_theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    kv = [
+        (f"{arch}.context_length", int(_config_value(cfg, "max_position_embeddings", default=2048)), u32),
+        (f"{arch}.embedding_length", int(cfg.hidden_size), u32),
+        (f"{arch}.block_count", int(cfg.num_hidden_layers), u32),
+        (f"{arch}.feed_forward_length", int(cfg.intermediate_size), u32),
+        (f"{arch}.attention.head_count", int(n_head), u32),
+        (f"{arch}.attention.head_count_kv", int(n_kv), u32),
+        (f"{arch}.rope.freq_base", float(rope_theta), f32),
+        (f"{arch}.attention.layer_norm_rms_epsilon", float(_config_value(cfg, "rms_norm_eps", default=1e-5)), f32),
+        (f"{arch}.rope.dimension_count", int(head_dim), u32),
+        (f"{arch}.vocab_size", int(cfg.vocab_size), u32),
+    ]
+    if head_dim * n_head != cfg.hidden_size:
+        kv += [(f"{arch}.attention.key_length", int(head_dim), u32), (f"{arch}.attention.value_length", int(head_dim), u32)]
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    rtype = scaling.get("rope_type", scaling.get("type"))
+    if rtype == "linear" and "factor" in scaling:
+        kv += [(f"{arch}.rope.scaling.type", "linear", ValueType.STRING),
+               (f"{arch}.rope.scaling.factor", float(scaling["factor"]), f32)]
+    elif rtype not in (None, "default"):
+        raise UnsupportedFormatError(f"rope scaling {rtype!r} is not supported by export_gguf yet")
+    return kv
+
+
+def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[np.ndarray]:
+    if imatrix is None:
+        return None
+    for key in (gguf_name, hf_name, hf_name.rsplit(".", 1)[0]):
+        if key in imatrix:
+            v = np.asarray(imatrix[key], dtype=np.float32).reshape(-1)
+            if v.size != cols:
+                raise ConfigError(f"imatrix entry {key!r} has {v.size} values, tensor has {cols} columns")
+            return v
+    return None
+
+
+def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
+                imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
+                name: Optional[str] = None, mode: str = "search") -> ExportReport:
+    """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF.
+
+    quant: a llama.cpp mix (`Q4_K_M`, `Q4_K_S`, `Q5_K_M`, `Q6_K`, `Q8_0`, `Q2_K`, `Q3_K_M`, `IQ4_XS`,
+    `TQ1_0`, `TQ2_0`, ... see `MIXES`). imatrix: per-column importances keyed by GGUF or HF tensor
+    name, or the path of a llama.cpp imatrix file (GGUF or legacy .dat). overrides: `{regex: type}` applied to GGUF tensor names before the mix. Returns the
+    per-tensor report (type, bits per weight, why).
+    """
+    cls = type(model).__name__
+    if getattr(model, "config", None) is None:
+        raise UnsupportedFormatError(f"export_gguf needs a Hugging Face model with a .config; got {cls}")
+    archs = getattr(model.config, "architectures", None) or [cls]
+    hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
+    if hf_arch is None:
+        raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
+    if isinstance(imatrix, (str, os.PathLike)):
+        from ..gguf.imatrix import load_imatrix
+
+        imatrix = load_imatrix(imatrix)
+    quant = quant.upper()
+    if quant not in MIXES:
+        raise ConfigError(f"unknown quantization {quant!r}; supported: {', '.join(MIXES)}")
+    arch, permute = ARCHITECTURES[hf_arch]
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
+
+    state = {k: v for k, v in model.state_dict().items()}
+    tied = "lm_head.weight" not in state or bool(getattr(cfg, "tie_word_embeddings", False)) or (
+        "lm_head.weight" in state and "model.embed_tokens.weight" in state
+        and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr())
+    ctx = MixContext(quant, int(cfg.num_hidden_layers), max(1, n_head // n_kv), has_output=not tied,
+                     has_imatrix=imatrix is not None)
+    rules = compile_overrides(overrides)
+
+    w = GGUFWriter(path)
+    w.add("general.architecture", arch)
+    w.add("general.name", name or getattr(cfg, "_name_or_path", "") or arch)
+    for k, v, t in _hparams(model, arch):
+        w.add(k, v, t)
+    w.add("general.file_type", MIXES[quant][1], ValueType.UINT32)
+    w.add("general.quantization_version", 2, ValueType.UINT32)
+    if tokenizer is not None:
+        from .gguf_tokenizer import tokenizer_metadata
+
+        for k, v, t in tokenizer_metadata(tokenizer, int(cfg.vocab_size)):
+            w.add(k, v, t)
+
+    report = ExportReport(os.fspath(path), quant)
+    for hf_name, tensor in state.items():
+        gname = gguf_tensor_name(hf_name)
+        if gname is None or (tied and gname == "output.weight"):
+            continue
+        a = tensor.detach().to("cpu").float().numpy()
+        if permute and gname.endswith("attn_q.weight"):
+            a = permute_qk(a, n_head, n_head)
+        elif permute and gname.endswith("attn_k.weight"):
+            a = permute_qk(a, n_head, n_kv)
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        t, why = choose_type(gname, a.shape, ctx, rules)
+        imp = _imatrix_for(imatrix, gname, hf_name, a.shape[-1]) if a.ndim >= 2 else None
+        qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
+        q = quantize(a, t, imatrix=imp, mode=qmode)
+        w.add_raw_tensor(gname, q, t, a.shape)
+        report.tensors.append(TensorReport(gname, tuple(a.shape), t, int(q.nbytes), why))
+    w.write()
+    return report
+
+
+__all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "permute_qk"]

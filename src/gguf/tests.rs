@@ -1,0 +1,123 @@
+use super::reader::read_bytes;
+use super::writer::{write_bytes, TensorData};
+use super::*;
+use proptest::prelude::*;
+
+fn sample_metadata() -> Vec<(String, Value)> {
+    vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("u8".into(), Value::U8(7)),
+        ("i8".into(), Value::I8(-7)),
+        ("u16".into(), Value::U16(65535)),
+        ("i16".into(), Value::I16(-300)),
+        ("u32".into(), Value::U32(4_000_000_000)),
+        ("i32".into(), Value::I32(-5)),
+        ("f32".into(), Value::F32(1.5e-5)),
+        ("bool".into(), Value::Bool(true)),
+        ("u64".into(), Value::U64(u64::MAX)),
+        ("i64".into(), Value::I64(i64::MIN)),
+        ("f64".into(), Value::F64(std::f64::consts::PI)),
+        ("tokens".into(), Value::Array(ValueType::String, vec![Value::String("<s>".into()), Value::String("héllo".into())])),
+        ("nested".into(), Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])])),
+        ("empty".into(), Value::Array(ValueType::F32, vec![])),
+    ]
+}
+
+fn sample_file() -> Vec<u8> {
+    let a: Vec<u8> = (0..34u8).collect(); // one Q8_0 block
+    let b: Vec<u8> = (0..16u8).collect(); // [2, 2] f32
+    let tensors = vec![
+        TensorData { name: "blk.0.attn_q.weight".into(), dims: vec![32, 1], ggml_type: 8, data: &a },
+        TensorData { name: "norm".into(), dims: vec![2, 2], ggml_type: 0, data: &b },
+    ];
+    write_bytes(&sample_metadata(), &tensors).unwrap()
+}
+
+#[test]
+fn round_trip_every_value_type() {
+    let bytes = sample_file();
+    let h = read_bytes(&bytes).unwrap();
+    assert_eq!(h.version, 3);
+    assert_eq!(h.metadata, sample_metadata());
+    assert_eq!(h.tensors.len(), 2);
+    assert_eq!(h.data_offset % 32, 0);
+    let t = &h.tensors[1];
+    assert_eq!((t.offset, t.nbytes), (64, 16));
+    let start = (h.data_offset + t.offset) as usize;
+    assert_eq!(&bytes[start..start + 16], &(0..16u8).collect::<Vec<_>>()[..]);
+    assert_eq!(bytes.len() as u64 % 32, 0);
+}
+
+#[test]
+fn custom_alignment() {
+    let mut md = sample_metadata();
+    md.push((ALIGNMENT_KEY.into(), Value::U32(64)));
+    let d = [0u8; 4];
+    let bytes = write_bytes(&md, &[TensorData { name: "x".into(), dims: vec![1], ggml_type: 0, data: &d }]).unwrap();
+    let h = read_bytes(&bytes).unwrap();
+    assert_eq!(h.alignment, 64);
+    assert_eq!(h.data_offset % 64, 0);
+    md.pop();
+    md.push((ALIGNMENT_KEY.into(), Value::U32(48)));
+    assert!(write_bytes(&md, &[]).is_err());
+}
+
+#[test]
+fn writer_rejects_inconsistent_input() {
+    let d = [0u8; 5];
+    let md = sample_metadata();
+    assert!(matches!(write_bytes(&md, &[TensorData { name: "x".into(), dims: vec![1], ggml_type: 0, data: &d }]), Err(Error::Shape(_))));
+    let bad = vec![("a".into(), Value::Array(ValueType::U8, vec![Value::I8(1)]))];
+    assert!(write_bytes(&bad, &[]).is_err());
+    let dup = vec![("a".into(), Value::U8(1)), ("a".into(), Value::U8(2))];
+    assert!(write_bytes(&dup, &[]).is_err());
+}
+
+#[test]
+fn every_truncation_is_a_corrupt_error() {
+    let bytes = sample_file();
+    let h = read_bytes(&bytes).unwrap();
+    // only the padding after the last tensor may be cut without losing data
+    let end = h.tensors.iter().map(|t| h.data_offset + t.offset + t.nbytes).max().unwrap() as usize;
+    for n in 0..bytes.len() {
+        match read_bytes(&bytes[..n]) {
+            Err(Error::Corrupt(_)) if n < end => {}
+            Ok(_) if n >= end => {}
+            other => panic!("truncated to {n} (data ends at {end}): {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn huge_counts_do_not_allocate() {
+    let mut bytes = sample_file();
+    // tensor count, kv count, first key length
+    for off in [8usize, 16, 24] {
+        let mut b = bytes.clone();
+        b[off..off + 8].copy_from_slice(&(u64::MAX / 3).to_le_bytes());
+        assert!(matches!(read_bytes(&b), Err(Error::Corrupt(_))), "offset {off}");
+    }
+    bytes[0] = b'X';
+    assert!(read_bytes(&bytes).unwrap_err().to_string().contains("magic"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn random_corruption_never_panics(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6)) {
+        let mut b = sample_file();
+        let n = b.len();
+        for (i, v) in flips {
+            b[i % n] ^= v | 1;
+        }
+        match read_bytes(&b) {
+            Ok(h) => {
+                for t in &h.tensors {
+                    prop_assert!(h.data_offset + t.offset + t.nbytes <= n as u64);
+                }
+            }
+            Err(Error::Corrupt(_)) => {}
+            Err(e) => prop_assert!(false, "unexpected error kind {:?}", e),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+"""export_gguf on tiny randomly initialised HF models (nothing downloaded), read back with gguf-py."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf import quants as gq
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from diffulex_edge.errors import ConfigError, UnsupportedFormatError
+from diffulex_edge.export import export_gguf
+from diffulex_edge.export.gguf_export import gguf_tensor_name, permute_qk
+from diffulex_edge.gguf import GGUFFile, dequantize, quantize
+
+
+def tiny_llama(hidden=256, inter=512, layers=2, tie=False, vocab=320):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def fields(r):
+    return {k: f.contents() for k, f in r.fields.items()}
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q6_K", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "IQ4_XS", "TQ1_0", "TQ2_0"])
+def test_gguf_py_reads_export(tmp_path, quant):
+    model = tiny_llama()
+    p = tmp_path / f"m-{quant}.gguf"
+    rep = export_gguf(model, p, quant=quant)
+    r = GGUFReader(str(p))
+    md = fields(r)
+    assert md["general.architecture"] == "llama"
+    assert md["llama.block_count"] == 2 and md["llama.embedding_length"] == 256
+    assert md["llama.attention.head_count"] == 4 and md["llama.attention.head_count_kv"] == 2
+    assert md["llama.rope.dimension_count"] == 64 and md["llama.context_length"] == 128
+    assert abs(md["llama.attention.layer_norm_rms_epsilon"] - 1e-6) < 1e-12
+    ours = GGUFFile.read(p)
+    by_name = {t.name: t for t in r.tensors}
+    assert set(by_name) == set(ours.tensors) == {t.name for t in rep.tensors}
+    assert len(by_name) == 2 + 1 + 2 * 9  # embd, output_norm, output + 9 per layer
+    state = model.state_dict()
+    for hf_name, w in state.items():
+        g = gguf_tensor_name(hf_name)
+        t = by_name[g]
+        info = ours.tensors[g]
+        assert t.tensor_type.name == info.ggml_type
+        assert tuple(int(d) for d in t.shape) == info.dims
+        raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+        np.testing.assert_array_equal(raw, ours.tensor_bytes(g))
+        ref = gq.dequantize(np.asarray(t.data), t.tensor_type).reshape(info.shape)
+        np.testing.assert_array_equal(ref, ours.tensor(g))
+        a = w.float().numpy()
+        if g.endswith("attn_q.weight"):
+            a = permute_qk(a, 4, 4)
+        elif g.endswith("attn_k.weight"):
+            a = permute_qk(a, 4, 2)
+        np.testing.assert_array_equal(ours.tensor_bytes(g), quantize(a, info.ggml_type).reshape(-1))
+    assert rep.bits_per_weight > 0
+    types = rep.type_counts()
+    if quant == "Q4_K_M":
+        assert by_name["output.weight"].tensor_type.name == "Q6_K"
+        assert by_name["blk.1.attn_v.weight"].tensor_type.name == "Q6_K"  # use_more_bits(1, 2)
+        assert by_name["blk.0.attn_q.weight"].tensor_type.name == "Q4_K"
+        assert by_name["output_norm.weight"].tensor_type.name == "F32"
+    if quant in ("TQ1_0", "TQ2_0"):
+        assert by_name["token_embd.weight"].tensor_type.name == "Q4_K"
+        assert types[quant] == 14
+    assert md["general.file_type"] > 0
+
+
+def test_permutation_matches_rope_conventions():
+    """HF applies rotary to (i, i + d/2) pairs; llama.cpp to (2i, 2i+1). After permute_qk the
+    attention scores must be identical."""
+    rng = np.random.default_rng(0)
+    n_head, d, hidden = 4, 16, 64
+    wq = rng.standard_normal((n_head * d, hidden)).astype(np.float64)
+    x = rng.standard_normal(hidden)
+    theta = 10000.0 ** (-np.arange(d // 2) * 2 / d)
+    pos = 7
+    ang = pos * theta
+
+    def rope_hf(q):
+        q1, q2 = q[: d // 2], q[d // 2:]
+        return np.concatenate([q1 * np.cos(ang) - q2 * np.sin(ang), q2 * np.cos(ang) + q1 * np.sin(ang)])
+
+    def rope_ggml(q):
+        a, b = q[0::2], q[1::2]
+        out = np.empty_like(q)
+        out[0::2] = a * np.cos(ang) - b * np.sin(ang)
+        out[1::2] = b * np.cos(ang) + a * np.sin(ang)
+        return out
+
+    q_hf = (wq @ x).reshape(n_head, d)
+    q_gg = (permute_qk(wq, n_head, n_head) @ x).reshape(n_head, d)
+    for h in range(n_head):
+        r1, r2 = rope_hf(q_hf[h]), rope_ggml(q_gg[h])
+        np.testing.assert_allclose(r2[0::2], r1[: d // 2], atol=1e-12)
+        np.testing.assert_allclose(r2[1::2], r1[d // 2:], atol=1e-12)
+
+
+def test_fallback_overrides_and_tied(tmp_path):
+    model = tiny_llama(hidden=96, inter=160, tie=True)  # rows not multiples of 256
+    p = tmp_path / "fb.gguf"
+    rep = export_gguf(model, p, quant="Q4_K_M", overrides={r"ffn_up": "Q8_0"})
+    f = GGUFFile.read(p)
+    types = {t.name: t.ggml_type for t in f}
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    assert types["token_embd.weight"] == "Q8_0"  # output rule, 96 % 256 != 0 -> Q8_0
+    assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K fallback
+    assert types["blk.0.ffn_up.weight"] == "Q8_0"  # override
+    assert types["blk.0.ffn_down.weight"] in ("Q8_0", "Q5_0")  # Q6_K/Q4_K fallbacks (row 160)
+    assert any("fallback" in t.reason for t in rep.tensors)
+    assert "bits/weight" in str(rep)
+    GGUFReader(str(p))
+
+
+def test_imatrix_changes_weighted_error(tmp_path):
+    model = tiny_llama()
+    rng = np.random.default_rng(0)
+    imat = {"blk.0.ffn_gate.weight": np.exp(rng.standard_normal(256) * 2).astype(np.float32)}
+    p1, p2 = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    export_gguf(model, p1, quant="Q4_K_M")
+    export_gguf(model, p2, quant="Q4_K_M", imatrix=imat)
+    w = model.model.layers[0].mlp.gate_proj.weight.detach().numpy()
+    imp = imat["blk.0.ffn_gate.weight"]
+    err = lambda p: float((((GGUFFile.read(p).tensor("blk.0.ffn_gate.weight") - w) ** 2) * imp).sum())
+    assert err(p2) < err(p1)
+
+
+def test_qwen2_export(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg).eval()
+    p = tmp_path / "q.gguf"
+    export_gguf(model, p, quant="Q8_0")
+    r = GGUFReader(str(p))
+    md = fields(r)
+    assert md["general.architecture"] == "qwen2" and md["qwen2.block_count"] == 1
+    names = {t.name for t in r.tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    # no permutation for qwen2
+    f = GGUFFile.read(p)
+    w = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(f.tensor_bytes("blk.0.attn_q.weight"), quantize(w, "Q8_0").reshape(-1))
+
+
+def test_tokenizer_metadata(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "Ġ": 5}
+    bpe = tokenizers.models.BPE(vocab=vocab, merges=[("a", "b")])
+    tk = tokenizers.Tokenizer(bpe)
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(vocab=8)
+    p = tmp_path / "t.gguf"
+    export_gguf(model, p, quant="Q8_0", tokenizer=tok)
+    md = fields(GGUFReader(str(p)))
+    assert md["tokenizer.ggml.model"] == "gpt2"
+    assert md["tokenizer.ggml.tokens"][:5] == ["<s>", "</s>", "a", "b", "ab"]
+    assert len(md["tokenizer.ggml.tokens"]) == 8 and md["tokenizer.ggml.tokens"][7] == "[PAD7]"
+    assert md["tokenizer.ggml.merges"] == ["a b"]
+    assert md["tokenizer.ggml.bos_token_id"] == 0 and md["tokenizer.ggml.eos_token_id"] == 1
+    assert md["tokenizer.ggml.token_type"][0] == 3 and md["tokenizer.ggml.token_type"][2] == 1
+
+
+def test_bad_arguments(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="Q4_K_M"):
+        export_gguf(model, tmp_path / "x.gguf", quant="Q4_K_Z")
+    with pytest.raises(ConfigError):
+        export_gguf(model, tmp_path / "x.gguf", overrides={"attn": "Q9"})
+    with pytest.raises(UnsupportedFormatError):
+        export_gguf(torch.nn.Linear(2, 2), tmp_path / "x.gguf")
