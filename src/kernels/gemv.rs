@@ -1,0 +1,362 @@
+//! Fused GEMV for weight-only INT8 / INT4: the weights are decoded in registers straight from
+//! their packed bytes and multiplied into up to `MR` activation rows at once, so no f32 copy of a
+//! weight row is ever written. This is the batch-1 (decode) path and the small-batch path.
+//!
+//! INT8: `y = scale * sum_k x[k] * (q[k] - zp) + b` (integer subtraction, exact conversion).
+//! INT4: per group `scale_g * sum x * (u - zp_g)`; activations arrive in the INT4 kernel order
+//! (`act::to_int4_order`) so the low and the high nibbles of 16 bytes meet 16 contiguous
+//! activations each. Columns past the last full 32-column chunk are summed in scalar code.
+
+use super::linear::{for_each_row_block, Int4Weights, Int8Weights};
+use super::KernelLevel;
+
+/// Activation rows per weight decode.
+pub const MR: usize = 4;
+
+/// `out[m, n] = x @ W^T + b` for INT8 weights, `x` f32 in natural order, rows of W in parallel.
+pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.scales.len(), w.k);
+    for_each_row_block(n, out, |n0, n1, ptr| {
+        for ni in n0..n1 {
+            let q = &w.q[ni * k..(ni + 1) * k];
+            let zp = w.zero_points[ni] as i32;
+            let (s, b) = (w.scales[ni], bias.map_or(0.0, |b| b[ni]));
+            let mut mi = 0;
+            while mi < m {
+                let rows = MR.min(m - mi);
+                let mut d = [0f32; MR];
+                int8_rows(level, q, zp, &x[mi * k..(mi + rows) * k], k, rows, &mut d);
+                for r in 0..rows {
+                    // SAFETY: column ni belongs to this block alone.
+                    unsafe { *ptr.0.add((mi + r) * n + ni) = s * d[r] + b };
+                }
+                mi += rows;
+            }
+        }
+    });
+}
+
+/// `out[m, n] = x @ W^T + b` for INT4 weights, `x` f32 in INT4 kernel order.
+pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.layout.rows, w.layout.cols);
+    let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
+    for_each_row_block(n, out, |n0, n1, ptr| {
+        for ni in n0..n1 {
+            let row = Int4Row {
+                packed: &w.packed[ni * rb..(ni + 1) * rb],
+                scales: &w.scales[ni * g..(ni + 1) * g],
+                zeros: &w.zeros[ni * g..(ni + 1) * g],
+                group: w.layout.group,
+                k,
+            };
+            let b = bias.map_or(0.0, |b| b[ni]);
+            let mut mi = 0;
+            while mi < m {
+                let rows = MR.min(m - mi);
+                let mut d = [0f32; MR];
+                int4_rows(level, &row, &x[mi * k..(mi + rows) * k], rows, &mut d);
+                for r in 0..rows {
+                    // SAFETY: column ni belongs to this block alone.
+                    unsafe { *ptr.0.add((mi + r) * n + ni) = d[r] + b };
+                }
+                mi += rows;
+            }
+        }
+    });
+}
+
+/// One INT4 weight row.
+pub struct Int4Row<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f32],
+    pub zeros: &'a [u8],
+    pub group: usize,
+    pub k: usize,
+}
+
+impl Int4Row<'_> {
+    /// Columns handled by the SIMD loops (whole 32-column chunks).
+    #[inline(always)]
+    fn full(&self) -> usize {
+        self.k / 32 * 32
+    }
+
+    /// Scalar sum over the columns past the last full chunk (natural order there).
+    #[inline(always)]
+    fn tail(&self, x: &[f32]) -> f32 {
+        let mut s = 0f32;
+        for c in self.full()..self.k {
+            let b = self.packed[c / 2];
+            let u = if c % 2 == 0 { b & 0x0f } else { b >> 4 };
+            let gi = c / self.group;
+            s += x[c] * ((u as i32 - self.zeros[gi] as i32) as f32 * self.scales[gi]);
+        }
+        s
+    }
+}
+
+/// `d[r] = sum_k x[r, k] * (q[k] - zp)` for `rows` rows of `x` (`[rows, k]`).
+fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], k: usize, rows: usize, d: &mut [f32; MR]) {
+    debug_assert!(q.len() == k && x.len() == rows * k);
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! go {
+            ($f:ident) => {{
+                let p = x.as_ptr();
+                // SAFETY: the level was checked by KernelLevel::resolve; pointers stay in bounds (k columns).
+                unsafe {
+                    match rows {
+                        1 => d[..1].copy_from_slice(&$f::<1>(q.as_ptr(), k, zp, [p])),
+                        2 => d[..2].copy_from_slice(&$f::<2>(q.as_ptr(), k, zp, [p, p.add(k)])),
+                        3 => d[..3].copy_from_slice(&$f::<3>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k)])),
+                        _ => d.copy_from_slice(&$f::<4>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k), p.add(3 * k)])),
+                    }
+                }
+                return;
+            }};
+        }
+        if level.has_avx512() {
+            go!(int8_dot_avx512)
+        }
+        if level.has_avx2_only() {
+            go!(int8_dot_avx2)
+        }
+    }
+    for r in 0..rows {
+        let xr = &x[r * k..(r + 1) * k];
+        d[r] = xr.iter().zip(q).map(|(a, b)| a * (*b as i32 - zp) as f32).sum();
+    }
+}
+
+fn int4_rows(level: KernelLevel, w: &Int4Row, x: &[f32], rows: usize, d: &mut [f32; MR]) {
+    let k = w.k;
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! go {
+            ($f:ident) => {{
+                let p = x.as_ptr();
+                // SAFETY: the level was checked by KernelLevel::resolve; pointers stay in bounds.
+                let v: [f32; MR] = unsafe {
+                    match rows {
+                        1 => pad($f::<1>(w, [p])),
+                        2 => pad($f::<2>(w, [p, p.add(k)])),
+                        3 => pad($f::<3>(w, [p, p.add(k), p.add(2 * k)])),
+                        _ => pad($f::<4>(w, [p, p.add(k), p.add(2 * k), p.add(3 * k)])),
+                    }
+                };
+                for r in 0..rows {
+                    d[r] = v[r] + w.tail(&x[r * k..(r + 1) * k]);
+                }
+                return;
+            }};
+        }
+        if level.has_avx512() {
+            go!(int4_dot_avx512)
+        }
+        if level.has_avx2_only() {
+            go!(int4_dot_avx2)
+        }
+    }
+    // portable: decode a chunk at a time into a small buffer
+    let full = w.full();
+    for r in 0..rows {
+        let xr = &x[r * k..(r + 1) * k];
+        let mut s = 0f32;
+        for c in (0..full).step_by(32) {
+            let gi = c / w.group;
+            let (z, sc) = (w.zeros[gi] as i32, w.scales[gi]);
+            let bytes = &w.packed[c / 2..c / 2 + 16];
+            let mut t = 0f32;
+            for i in 0..16 {
+                t += xr[c + i] * ((bytes[i] & 0x0f) as i32 - z) as f32;
+                t += xr[c + 16 + i] * ((bytes[i] >> 4) as i32 - z) as f32;
+            }
+            s += t * sc;
+        }
+        d[r] = s + w.tail(xr);
+    }
+}
+
+#[inline(always)]
+fn pad<const R: usize>(v: [f32; R]) -> [f32; MR] {
+    let mut o = [0f32; MR];
+    o[..R].copy_from_slice(&v);
+    o
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// INT8 row against `R` activation rows, 16 lanes, 4 independent accumulator chains per row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn int8_dot_avx512<const R: usize>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+    let z = _mm512_set1_epi32(zp);
+    let dec = |i: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(i).cast())), z));
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let mut i = 0;
+    while i + 64 <= k {
+        let w = [dec(i), dec(i + 16), dec(i + 32), dec(i + 48)];
+        for r in 0..R {
+            for u in 0..4 {
+                acc[r][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(x[r].add(i + 16 * u)), acc[r][u]);
+            }
+        }
+        i += 64;
+    }
+    while i + 16 <= k {
+        let w = dec(i);
+        for r in 0..R {
+            acc[r][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[r].add(i)), acc[r][0]);
+        }
+        i += 16;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let s = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+        let mut t = _mm512_reduce_add_ps(s);
+        for j in i..k {
+            t += *x[r].add(j) * (*q.add(j) as i32 - zp) as f32;
+        }
+        out[r] = t;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_dot_avx2<const R: usize>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+    let z = _mm256_set1_epi32(zp);
+    let dec = |i: usize| _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(i).cast())), z));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut i = 0;
+    while i + 16 <= k {
+        let w = [dec(i), dec(i + 8)];
+        for r in 0..R {
+            for u in 0..2 {
+                acc[r][u] = _mm256_fmadd_ps(w[u], _mm256_loadu_ps(x[r].add(i + 8 * u)), acc[r][u]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut t = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for j in i..k {
+            t += *x[r].add(j) * (*q.add(j) as i32 - zp) as f32;
+        }
+        out[r] = t;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// INT4 row (full chunks only) against `R` rows in INT4 order. Groups alternate between two
+/// accumulator chains so the per-group scale multiply does not serialize small groups.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f32; R] {
+    let full = w.full();
+    let mask = _mm512_set1_epi32(0x0f);
+    let p = w.packed.as_ptr();
+    // sum over one group's full chunks, scaled
+    let group_sum = |gi: usize, acc: &mut [__m512; R]| {
+        let start = gi * w.group;
+        let end = (start + w.group).min(full);
+        let z = _mm512_set1_epi32(*w.zeros.get_unchecked(gi) as i32);
+        let mut t = [[_mm512_setzero_ps(); 2]; R];
+        let mut c = start;
+        while c < end {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
+            let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, mask), z));
+            let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
+            for r in 0..R {
+                t[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[r].add(c)), t[r][0]);
+                t[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(c + 16)), t[r][1]);
+            }
+            c += 32;
+        }
+        let s = _mm512_set1_ps(*w.scales.get_unchecked(gi));
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(t[r][0], t[r][1]), s, acc[r]);
+        }
+    };
+    let groups = full.div_ceil(w.group);
+    let mut a0 = [_mm512_setzero_ps(); R];
+    let mut a1 = [_mm512_setzero_ps(); R];
+    let mut gi = 0;
+    while gi + 2 <= groups {
+        group_sum(gi, &mut a0);
+        group_sum(gi + 1, &mut a1);
+        gi += 2;
+    }
+    if gi < groups {
+        group_sum(gi, &mut a0);
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int4_dot_avx2<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f32; R] {
+    let full = w.full();
+    let mask = _mm256_set1_epi32(0x0f);
+    let p = w.packed.as_ptr();
+    let group_sum = |gi: usize, acc: &mut [__m256; R]| {
+        let start = gi * w.group;
+        let end = (start + w.group).min(full);
+        let z = _mm256_set1_epi32(*w.zeros.get_unchecked(gi) as i32);
+        let mut t = [[_mm256_setzero_ps(); 2]; R];
+        let mut c = start;
+        while c < end {
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(c / 2).cast()));
+            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(c / 2 + 8).cast()));
+            let d = |v: __m256i| _mm256_cvtepi32_ps(_mm256_sub_epi32(v, z));
+            let ws = [
+                d(_mm256_and_si256(v0, mask)),
+                d(_mm256_and_si256(v1, mask)),
+                d(_mm256_srli_epi32(v0, 4)),
+                d(_mm256_srli_epi32(v1, 4)),
+            ];
+            for r in 0..R {
+                for (u, wv) in ws.iter().enumerate() {
+                    t[r][u & 1] = _mm256_fmadd_ps(*wv, _mm256_loadu_ps(x[r].add(c + 8 * u)), t[r][u & 1]);
+                }
+            }
+            c += 32;
+        }
+        let s = _mm256_set1_ps(*w.scales.get_unchecked(gi));
+        for r in 0..R {
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(t[r][0], t[r][1]), s, acc[r]);
+        }
+    };
+    let groups = full.div_ceil(w.group);
+    let mut a0 = [_mm256_setzero_ps(); R];
+    let mut a1 = [_mm256_setzero_ps(); R];
+    let mut gi = 0;
+    while gi + 2 <= groups {
+        group_sum(gi, &mut a0);
+        group_sum(gi + 1, &mut a1);
+        gi += 2;
+    }
+    if gi < groups {
+        group_sum(gi, &mut a0);
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum256(_mm256_add_ps(a0[r], a1[r]));
+    }
+    out
+}
