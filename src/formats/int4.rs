@@ -73,7 +73,7 @@ impl Int4Matrix {
     }
 }
 
-fn group_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, u8)> {
+pub(crate) fn group_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, u8)> {
     if symmetric {
         let s = absmax / 7.5;
         let s = if s == 0.0 { 1.0 } else { s };
@@ -162,6 +162,13 @@ pub fn quantize_into(
         .zip(scales.par_chunks_mut(g).zip(zeros.par_chunks_mut(g)))
         .enumerate()
         .filter_map(|(r, ((pr, wr), (sr, zr)))| {
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() {
+                // SAFETY: the level was checked by KernelLevel::resolve.
+                return unsafe { crate::kernels::quantize::int4_row_avx512(wr, group, symmetric, pr, sr, zr) }
+                    .err()
+                    .map(|gi| (r, gi));
+            }
             // one f32 scratch row of nibble values per task, packed afterwards
             let mut u = vec![0u8; cols + 1];
             for gi in 0..g {

@@ -45,7 +45,7 @@ pub(crate) fn round_even_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
-fn row_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, i8)> {
+pub(crate) fn row_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, i8)> {
     if symmetric {
         let s = absmax / 127.5;
         let s = if s == 0.0 { 1.0 } else { s };
@@ -119,6 +119,18 @@ pub fn quantize_into(
         .zip(scales.par_iter_mut().zip(zero_points.par_iter_mut()))
         .enumerate()
         .filter_map(|(r, ((qr, wr), (s, z)))| {
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() {
+                // SAFETY: the level was checked by KernelLevel::resolve.
+                return match unsafe { crate::kernels::quantize::int8_row_avx512(wr, qr, symmetric) } {
+                    Some((sc, zp)) => {
+                        *s = sc;
+                        *z = zp;
+                        None
+                    }
+                    None => Some(r),
+                };
+            }
             let (lo, hi, absmax, finite) = row_stats(level, wr);
             if !finite {
                 return Some(r);

@@ -12,6 +12,7 @@ pub mod dot;
 pub mod gemm;
 pub mod gemv;
 pub mod linear;
+pub(crate) mod quantize;
 pub mod vnni;
 pub mod w8a8;
 
