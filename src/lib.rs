@@ -6,6 +6,7 @@
 pub mod error;
 pub mod formats;
 pub mod kernels;
+mod mem;
 
 #[cfg(feature = "python")]
 mod python;

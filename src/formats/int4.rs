@@ -66,7 +66,7 @@ impl Int4Matrix {
         Int4Layout { rows: self.rows, cols: self.cols, group: self.group }
     }
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+        let mut out = crate::mem::zeroed_vec(self.rows * self.cols);
         dequantize_into(self.layout(), &self.packed, &self.scales, &self.zeros, &mut out)
             .expect("Int4Matrix fields are consistent by construction");
         out
@@ -135,7 +135,7 @@ pub fn quantize(w: &[f32], layout: Int4Layout, symmetric: bool, level: KernelLev
     let g = layout.groups();
     let mut m = Int4Matrix {
         rows: layout.rows, cols: layout.cols, group: layout.group,
-        packed: vec![0; layout.rows * layout.row_bytes()],
+        packed: crate::mem::zeroed_vec(layout.rows * layout.row_bytes()),
         scales: vec![0.0; layout.rows * g],
         zeros: vec![0; layout.rows * g],
     };

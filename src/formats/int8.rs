@@ -28,7 +28,7 @@ pub struct Int8Matrix {
 
 impl Int8Matrix {
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+        let mut out = crate::mem::zeroed_vec(self.rows * self.cols);
         dequantize_into(&self.q, &self.scales, &self.zero_points, self.cols, &mut out)
             .expect("Int8Matrix fields are consistent by construction");
         out
@@ -93,7 +93,7 @@ pub fn quantize_ref(w: &[f32], rows: usize, cols: usize, symmetric: bool) -> Res
 
 /// Fast path: rows in parallel, SIMD-friendly loops, bit-identical to `quantize_ref`.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, symmetric: bool, level: KernelLevel) -> Result<Int8Matrix> {
-    let mut out = Int8Matrix { rows, cols, q: vec![0; rows * cols], scales: vec![0.0; rows], zero_points: vec![0; rows] };
+    let mut out = Int8Matrix { rows, cols, q: crate::mem::zeroed_vec(rows * cols), scales: vec![0.0; rows], zero_points: vec![0; rows] };
     quantize_into(w, rows, cols, symmetric, level, &mut out.q, &mut out.scales, &mut out.zero_points)?;
     Ok(out)
 }

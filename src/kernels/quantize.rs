@@ -75,6 +75,30 @@ mod imp {
         Some((s, zp))
     }
 
+    /// A whole 32-column group without masks: two vectors, one 16-byte store.
+    #[inline(always)]
+    unsafe fn full_group32(vals: &[f32], symmetric: bool, out: *mut u8, scale: &mut f32, zero: &mut u8) -> Option<()> {
+        let p = vals.as_ptr();
+        let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let exp = _mm512_set1_epi32(0x7f80_0000);
+        let e = |v: __m512| _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exp), exp);
+        if (e(v0) | e(v1)) != 0 {
+            return None;
+        }
+        let (lo, hi) = (_mm512_reduce_min_ps(_mm512_min_ps(v0, v1)), _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)));
+        let (s, zp) = group_params(lo, hi, lo.abs().max(hi.abs()), symmetric)?;
+        *scale = s;
+        *zero = zp;
+        let (sv, zv) = (_mm512_set1_ps(s), _mm512_set1_ps(zp as f32));
+        let (qlo, qhi) = (_mm512_set1_ps(0.0), _mm512_set1_ps(15.0));
+        let pack = |v: __m512| {
+            let c = codes(v, sv, zv, qlo, qhi);
+            _mm512_cvtepi64_epi8(_mm512_or_si512(c, _mm512_srli_epi64::<28>(c)))
+        };
+        _mm_storeu_si128(out.cast(), _mm_unpacklo_epi64(pack(v0), pack(v1)));
+        Some(())
+    }
+
     /// Quantize and pack one INT4 row. `Err(group)` names the first bad group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub(crate) unsafe fn int4_row_avx512(
@@ -87,6 +111,10 @@ mod imp {
             let start = gi * group;
             let end = (start + group).min(cols);
             let vals = &w[start..end];
+            if vals.len() == 32 {
+                full_group32(vals, symmetric, o.add(start / 2), &mut scales[gi], &mut zeros[gi]).ok_or(gi)?;
+                continue;
+            }
             let (lo, hi, absmax, finite) = stats(vals);
             if !finite {
                 return Err(gi);
