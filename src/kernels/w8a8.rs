@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::act::Act;
 use super::linear::{for_each_row_block, OutPtr};
 use super::vnni::dot_block;
 use super::{dispatch, KernelLevel};
@@ -26,7 +27,14 @@ pub const ACT_QMAX: f32 = 127.0;
 pub fn quantize_activations(
     x: &[f32], m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
 ) -> Result<()> {
-    check_len("input", x.len(), m * k)?;
+    quantize_activations_act(Act::F32(x), m, k, static_scale, q, scales, level)
+}
+
+/// `quantize_activations` for f32 or bf16 input (bf16 rows are widened exactly first).
+pub fn quantize_activations_act(
+    x: Act<'_>, m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
+) -> Result<()> {
+    x.check(m, k)?;
     check_len("q", q.len(), m * k)?;
     check_len("scales", scales.len(), m)?;
     if let Some(s) = static_scale {
@@ -38,7 +46,16 @@ pub fn quantize_activations(
         scales.iter_mut().for_each(|s| *s = static_scale.unwrap_or(1.0));
         return Ok(());
     }
-    q.par_chunks_mut(k).zip(x.par_chunks(k)).zip(scales.par_iter_mut()).for_each(|((qr, xr), s)| {
+    q.par_chunks_mut(k).zip(scales.par_iter_mut()).enumerate().for_each(|(mi, (qr, s))| {
+        let mut buf = Vec::new();
+        let xr: &[f32] = match x {
+            Act::F32(x) => &x[mi * k..(mi + 1) * k],
+            Act::Bf16(_) => {
+                buf.resize(k, 0f32);
+                x.row_into(mi, k, &mut buf);
+                &buf
+            }
+        };
         let sc = static_scale.unwrap_or_else(|| {
             let a = absmax(level, xr) / ACT_QMAX;
             if a > 0.0 && a.is_finite() { a } else { 1.0 }
@@ -156,6 +173,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_activations_match_their_f32_values() {
+        let bits: Vec<u16> = (0..3 * 70).map(|i| (0x3c00 + (i * 97) % 0x0800) as u16 ^ if i % 3 == 0 { 0x8000 } else { 0 }).collect();
+        let wide: Vec<f32> = bits.iter().map(|b| f32::from_bits((*b as u32) << 16)).collect();
+        for level in KernelLevel::available() {
+            let (mut q1, mut s1, mut q2, mut s2) = (vec![0i8; 210], vec![0f32; 3], vec![0i8; 210], vec![0f32; 3]);
+            quantize_activations(&wide, 3, 70, None, &mut q1, &mut s1, level).unwrap();
+            quantize_activations_act(Act::Bf16(&bits), 3, 70, None, &mut q2, &mut s2, level).unwrap();
+            assert_eq!((q1, s1), (q2, s2), "{level:?}");
+        }
+    }
+
+    #[test]
+    fn too_long_rows_are_a_shape_error() {
+        let k = MAX_K + 1;
+        let (xq, wq) = (vec![0i8; k], vec![0i8; k]);
+        let mut out = [0f32];
+        let e = linear_w8a8(&xq, &[1.0], &wq, &[1.0], &[0], k, None, &mut out, KernelLevel::Scalar).unwrap_err();
+        assert!(matches!(e, Error::Shape(_)));
     }
 
     #[test]
