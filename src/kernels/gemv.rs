@@ -100,17 +100,26 @@ fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], k: usize, rows: u
     debug_assert!(q.len() == k && x.len() == rows * k);
     #[cfg(target_arch = "x86_64")]
     {
-        macro_rules! go {
-            ($f:ident) => {{
+        macro_rules! rows {
+            ($f:ident, $zp:literal) => {{
                 let p = x.as_ptr();
                 // SAFETY: the level was checked by KernelLevel::resolve; pointers stay in bounds (k columns).
                 unsafe {
                     match rows {
-                        1 => d[..1].copy_from_slice(&$f::<1>(q.as_ptr(), k, zp, [p])),
-                        2 => d[..2].copy_from_slice(&$f::<2>(q.as_ptr(), k, zp, [p, p.add(k)])),
-                        3 => d[..3].copy_from_slice(&$f::<3>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k)])),
-                        _ => d.copy_from_slice(&$f::<4>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k), p.add(3 * k)])),
+                        1 => d[..1].copy_from_slice(&$f::<1, $zp>(q.as_ptr(), k, zp, [p])),
+                        2 => d[..2].copy_from_slice(&$f::<2, $zp>(q.as_ptr(), k, zp, [p, p.add(k)])),
+                        3 => d[..3].copy_from_slice(&$f::<3, $zp>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k)])),
+                        _ => d.copy_from_slice(&$f::<4, $zp>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k), p.add(3 * k)])),
                     }
+                }
+            }};
+        }
+        macro_rules! go {
+            ($f:ident) => {{
+                if zp == 0 {
+                    rows!($f, false)
+                } else {
+                    rows!($f, true)
                 }
                 return;
             }};
@@ -190,9 +199,13 @@ use std::arch::x86_64::*;
 /// INT8 row against `R` activation rows, 16 lanes, 4 independent accumulator chains per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn int8_dot_avx512<const R: usize>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+unsafe fn int8_dot_avx512<const R: usize, const ZP: bool>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
     let z = _mm512_set1_epi32(zp);
-    let dec = |i: usize| _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(i).cast())), z));
+    // symmetric weights (zero point 0, the default) skip the subtraction
+    let dec = |i: usize| {
+        let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(i).cast()));
+        _mm512_cvtepi32_ps(if ZP { _mm512_sub_epi32(v, z) } else { v })
+    };
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     let mut i = 0;
     while i + 64 <= k {
@@ -225,9 +238,12 @@ unsafe fn int8_dot_avx512<const R: usize>(q: *const i8, k: usize, zp: i32, x: [*
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn int8_dot_avx2<const R: usize>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+unsafe fn int8_dot_avx2<const R: usize, const ZP: bool>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
     let z = _mm256_set1_epi32(zp);
-    let dec = |i: usize| _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(i).cast())), z));
+    let dec = |i: usize| {
+        let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(i).cast()));
+        _mm256_cvtepi32_ps(if ZP { _mm256_sub_epi32(v, z) } else { v })
+    };
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let mut i = 0;
     while i + 16 <= k {
@@ -266,18 +282,21 @@ unsafe fn hsum256(v: __m256) -> f32 {
 unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f32; R] {
     let full = w.full();
     let mask = _mm512_set1_epi32(0x0f);
+    // u | 0x4b000000 is the float 2^23 + u; subtracting 2^23 + zp gives u - zp exactly, so a
+    // nibble becomes a float in two instructions (ternary-logic and-or, subtract)
+    let magic = _mm512_set1_epi32(0x4b00_0000);
     let p = w.packed.as_ptr();
     // sum over one group's full chunks, scaled
     let group_sum = |gi: usize, acc: &mut [__m512; R]| {
         let start = gi * w.group;
         let end = (start + w.group).min(full);
-        let z = _mm512_set1_epi32(*w.zeros.get_unchecked(gi) as i32);
+        let z = _mm512_set1_ps(8388608.0 + *w.zeros.get_unchecked(gi) as f32);
         let mut t = [[_mm512_setzero_ps(); 2]; R];
         let mut c = start;
         while c < end {
             let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
-            let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, mask), z));
-            let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
+            let lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(v, mask, magic)), z);
+            let hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), z);
             for r in 0..R {
                 t[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[r].add(c)), t[r][0]);
                 t[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(c + 16)), t[r][1]);

@@ -34,7 +34,7 @@ pub enum KernelLevel {
 }
 
 impl KernelLevel {
-    pub const NAMES: [&'static str; 6] = ["auto", "scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni"];
+    pub const NAMES: [&'static str; 6] = ["auto", "scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni"];
     const ALL: [KernelLevel; 5] =
         [KernelLevel::Scalar, KernelLevel::Avx2, KernelLevel::AvxVnni, KernelLevel::Avx512, KernelLevel::Avx512Vnni];
 
