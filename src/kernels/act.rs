@@ -94,7 +94,7 @@ pub fn int4_order_index(c: usize, k: usize) -> usize {
     }
     let base = c / INT4_CHUNK * INT4_CHUNK;
     let i = c - base;
-    base + if i % 2 == 0 { i / 2 } else { INT4_CHUNK / 2 + i / 2 }
+    base + if i.is_multiple_of(2) { i / 2 } else { INT4_CHUNK / 2 + i / 2 }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! output: `MT x NR` accumulators stay in registers for the whole slice.
 //! AVX-512: MT = 32 (2 zmm), NR = 8 (16 accumulators). AVX2: MT = 16, NR = 4 (8 accumulators).
 
+
 use rayon::prelude::*;
 
 use super::linear::{Int4Weights, Int8Weights, OutPtr};
@@ -84,6 +85,8 @@ pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Opti
     let xt = pack_x(x, m, k, mt);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(NB)).into_par_iter().for_each(|t| {
+        // capture the whole (Send) wrapper, not its raw-pointer field
+        #[allow(clippy::redundant_locals)]
         let ptr = ptr;
         let (n0, n1) = (t * NB, ((t + 1) * NB).min(n));
         let args = BlockArgs { xt: &xt, m, k, n, n0, n1, bias, out: ptr };

@@ -7,6 +7,7 @@
 //! (`act::to_int4_order`) so the low and the high nibbles of 16 bytes meet 16 contiguous
 //! activations each. Columns past the last full 32-column chunk are summed in scalar code.
 
+
 use super::linear::{for_each_row_block, Int4Weights, Int8Weights};
 use super::KernelLevel;
 

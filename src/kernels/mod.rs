@@ -9,10 +9,14 @@
 
 pub mod act;
 pub mod dot;
+// register tiles are indexed by row / column on purpose: the loops unroll over const bounds
+#[allow(clippy::needless_range_loop)]
 pub mod gemm;
+#[allow(clippy::needless_range_loop)]
 pub mod gemv;
 pub mod linear;
 pub(crate) mod quantize;
+#[allow(clippy::needless_range_loop)]
 pub mod vnni;
 pub mod w8a8;
 
