@@ -75,10 +75,23 @@ impl Panel for Int4Weights<'_> {
     }
 }
 
+/// Activation rows per pass: bounds the transposed copy of `x` (and keeps it cache-friendly)
+/// while still sharing each decoded panel across many rows.
+const M_CHUNK: usize = 256;
+
 /// `out[m, n] = x @ W^T + b`, `x` f32 `[m, k]` in the weight's column order.
 pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = w.shape();
     if m == 0 || n == 0 {
+        return;
+    }
+    if m > M_CHUNK {
+        let mut m0 = 0;
+        while m0 < m {
+            let mc = M_CHUNK.min(m - m0);
+            gemm(level, &x[m0 * k..(m0 + mc) * k], mc, w, bias, &mut out[m0 * n..(m0 + mc) * n]);
+            m0 += mc;
+        }
         return;
     }
     let mt = if level.has_avx512() { 32 } else { 16 };
@@ -110,6 +123,9 @@ pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Opti
 fn pack_x(x: &[f32], m: usize, k: usize, mt: usize) -> Vec<f32> {
     let tiles = m.div_ceil(mt);
     let mut xt = vec![0f32; tiles * k * mt];
+    if k == 0 {
+        return xt;
+    }
     xt.par_chunks_mut(k * mt).enumerate().for_each(|(t, dst)| {
         for j in 0..mt.min(m - t * mt) {
             let row = &x[(t * mt + j) * k..(t * mt + j + 1) * k];

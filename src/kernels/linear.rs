@@ -174,7 +174,7 @@ pub fn linear_act<D: RowDecoder>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if level != KernelLevel::Scalar {
+    if level != KernelLevel::Scalar && k > 0 {
         match w.fused() {
             Some(Fused::Int8(w8)) => {
                 let xf = x.to_f32(m, k, false);
@@ -328,7 +328,7 @@ mod tests {
         // the GEMM's 64-row task blocks and leaves register-tile tails; k = 4095 crosses KC.
         for &(m, n, k) in &[
             (1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7), (1, 70, 31),
-            (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257),
+            (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257), (300, 5, 40), (20, 3, 0),
         ] {
             let x = data(m * k, 1);
             let wf = data(n * k, 2);
