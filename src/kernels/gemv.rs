@@ -14,26 +14,62 @@ use super::KernelLevel;
 /// Activation rows per weight decode.
 pub const MR: usize = 4;
 
-/// `out[m, n] = x @ W^T + b` for INT8 weights, `x` f32 in natural order, rows of W in parallel.
-pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (n, k) = (w.scales.len(), w.k);
-    for_each_row_block(n, out, |n0, n1, ptr| {
+/// Columns per pass: the activation slice of a pass stays in L1 while every row of the task's
+/// block is multiplied into it (a 14336-wide f32 row would otherwise stream from L2 once per
+/// weight row). A multiple of every INT4 group size.
+fn k_block(m: usize) -> usize {
+    if m == 1 {
+        4096
+    } else {
+        2048
+    }
+}
+
+/// Run `f(ni, c0, c1, mi, rows, d)` over the task's rows and column blocks, accumulating the
+/// partial sums `d[..rows]` per (row, activation row); then `finish(ni, mi, sum)` writes them.
+fn blocked(
+    m: usize, k: usize, n0: usize, n1: usize, mut f: impl FnMut(usize, usize, usize, usize, usize, &mut [f32; MR]),
+    mut finish: impl FnMut(usize, usize, f32),
+) {
+    let kb = k_block(m);
+    let mut acc = vec![0f32; (n1 - n0) * m];
+    let mut c0 = 0;
+    while c0 < k {
+        let c1 = (c0 + kb).min(k);
         for ni in n0..n1 {
-            let q = &w.q[ni * k..(ni + 1) * k];
-            let zp = w.zero_points[ni] as i32;
-            let (s, b) = (w.scales[ni], bias.map_or(0.0, |b| b[ni]));
             let mut mi = 0;
             while mi < m {
                 let rows = MR.min(m - mi);
                 let mut d = [0f32; MR];
-                int8_rows(level, q, zp, &x[mi * k..(mi + rows) * k], k, rows, &mut d);
+                f(ni, c0, c1, mi, rows, &mut d);
                 for r in 0..rows {
-                    // SAFETY: column ni belongs to this block alone.
-                    unsafe { *ptr.0.add((mi + r) * n + ni) = s * d[r] + b };
+                    acc[(ni - n0) * m + mi + r] += d[r];
                 }
                 mi += rows;
             }
         }
+        c0 = c1;
+    }
+    for ni in n0..n1 {
+        for mi in 0..m {
+            finish(ni, mi, acc[(ni - n0) * m + mi]);
+        }
+    }
+}
+
+/// `out[m, n] = x @ W^T + b` for INT8 weights, `x` f32 in natural order, rows of W in parallel.
+pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.scales.len(), w.k);
+    for_each_row_block(n, out, |n0, n1, ptr| {
+        blocked(
+            m, k, n0, n1,
+            |ni, c0, c1, mi, rows, d| {
+                let q = &w.q[ni * k + c0..ni * k + c1];
+                int8_rows(level, q, w.zero_points[ni] as i32, &x[mi * k + c0..], k, rows, d)
+            },
+            // SAFETY: column ni belongs to this block alone.
+            |ni, mi, sum| unsafe { *ptr.0.add(mi * n + ni) = w.scales[ni] * sum + bias.map_or(0.0, |b| b[ni]) },
+        )
     });
 }
 
@@ -42,51 +78,55 @@ pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias:
     let (n, k) = (w.layout.rows, w.layout.cols);
     let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
     for_each_row_block(n, out, |n0, n1, ptr| {
-        for ni in n0..n1 {
-            let row = Int4Row {
-                packed: &w.packed[ni * rb..(ni + 1) * rb],
-                scales: &w.scales[ni * g..(ni + 1) * g],
-                zeros: &w.zeros[ni * g..(ni + 1) * g],
-                group: w.layout.group,
-                k,
-            };
-            let b = bias.map_or(0.0, |b| b[ni]);
-            let mut mi = 0;
-            while mi < m {
-                let rows = MR.min(m - mi);
-                let mut d = [0f32; MR];
-                int4_rows(level, &row, &x[mi * k..(mi + rows) * k], rows, &mut d);
-                for r in 0..rows {
-                    // SAFETY: column ni belongs to this block alone.
-                    unsafe { *ptr.0.add((mi + r) * n + ni) = d[r] + b };
-                }
-                mi += rows;
-            }
-        }
+        blocked(
+            m, k, n0, n1,
+            |ni, c0, c1, mi, rows, d| {
+                let row = Int4Row {
+                    packed: &w.packed[ni * rb..(ni + 1) * rb],
+                    scales: &w.scales[ni * g..(ni + 1) * g],
+                    zeros: &w.zeros[ni * g..(ni + 1) * g],
+                    group: w.layout.group,
+                    k,
+                    c0,
+                    c1,
+                };
+                int4_rows(level, &row, &x[mi * k..(mi + rows) * k], rows, d)
+            },
+            // SAFETY: column ni belongs to this block alone.
+            |ni, mi, sum| unsafe { *ptr.0.add(mi * n + ni) = sum + bias.map_or(0.0, |b| b[ni]) },
+        )
     });
 }
 
-/// One INT4 weight row.
+/// One INT4 weight row, restricted to columns `c0..c1` (`c0` a multiple of the group size).
 pub struct Int4Row<'a> {
     pub packed: &'a [u8],
     pub scales: &'a [f32],
     pub zeros: &'a [u8],
     pub group: usize,
     pub k: usize,
+    pub c0: usize,
+    pub c1: usize,
 }
 
 impl Int4Row<'_> {
-    /// Columns handled by the SIMD loops (whole 32-column chunks).
+    /// End of the columns handled by the SIMD loops (whole 32-column chunks).
     #[inline(always)]
     fn full(&self) -> usize {
-        self.k / 32 * 32
+        self.c1.min(self.k / 32 * 32)
+    }
+
+    /// Groups the SIMD loops cover.
+    #[inline(always)]
+    fn simd_groups(&self) -> std::ops::Range<usize> {
+        self.c0 / self.group..self.full().div_ceil(self.group).max(self.c0 / self.group)
     }
 
     /// Scalar sum over the columns past the last full chunk (natural order there).
     #[inline(always)]
     fn tail(&self, x: &[f32]) -> f32 {
         let mut s = 0f32;
-        for c in self.full()..self.k {
+        for c in (self.k / 32 * 32).max(self.c0)..self.c1 {
             let b = self.packed[c / 2];
             let u = if c % 2 == 0 { b & 0x0f } else { b >> 4 };
             let gi = c / self.group;
@@ -96,9 +136,10 @@ impl Int4Row<'_> {
     }
 }
 
-/// `d[r] = sum_k x[r, k] * (q[k] - zp)` for `rows` rows of `x` (`[rows, k]`).
-fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], k: usize, rows: usize, d: &mut [f32; MR]) {
-    debug_assert!(q.len() == k && x.len() == rows * k);
+/// `d[r] = sum_j x[r * stride + j] * (q[j] - zp)` over `j < q.len()`, for `rows` rows of `x`.
+fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], stride: usize, rows: usize, d: &mut [f32; MR]) {
+    let k = q.len();
+    assert!(rows >= 1 && x.len() >= (rows - 1) * stride + k);
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! rows {
@@ -108,9 +149,11 @@ fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], k: usize, rows: u
                 unsafe {
                     match rows {
                         1 => d[..1].copy_from_slice(&$f::<1, $zp>(q.as_ptr(), k, zp, [p])),
-                        2 => d[..2].copy_from_slice(&$f::<2, $zp>(q.as_ptr(), k, zp, [p, p.add(k)])),
-                        3 => d[..3].copy_from_slice(&$f::<3, $zp>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k)])),
-                        _ => d.copy_from_slice(&$f::<4, $zp>(q.as_ptr(), k, zp, [p, p.add(k), p.add(2 * k), p.add(3 * k)])),
+                        2 => d[..2].copy_from_slice(&$f::<2, $zp>(q.as_ptr(), k, zp, [p, p.add(stride)])),
+                        3 => d[..3].copy_from_slice(&$f::<3, $zp>(q.as_ptr(), k, zp, [p, p.add(stride), p.add(2 * stride)])),
+                        _ => d.copy_from_slice(&$f::<4, $zp>(
+                            q.as_ptr(), k, zp, [p, p.add(stride), p.add(2 * stride), p.add(3 * stride)],
+                        )),
                     }
                 }
             }};
@@ -133,7 +176,7 @@ fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], k: usize, rows: u
         }
     }
     for r in 0..rows {
-        let xr = &x[r * k..(r + 1) * k];
+        let xr = &x[r * stride..r * stride + k];
         d[r] = xr.iter().zip(q).map(|(a, b)| a * (*b as i32 - zp) as f32).sum();
     }
 }
@@ -172,7 +215,7 @@ fn int4_rows(level: KernelLevel, w: &Int4Row, x: &[f32], rows: usize, d: &mut [f
     for r in 0..rows {
         let xr = &x[r * k..(r + 1) * k];
         let mut s = 0f32;
-        for c in (0..full).step_by(32) {
+        for c in (w.c0..full).step_by(32) {
             let gi = c / w.group;
             let (z, sc) = (w.zeros[gi] as i32, w.scales[gi]);
             let bytes = &w.packed[c / 2..c / 2 + 16];
@@ -309,10 +352,10 @@ unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f
             acc[r] = _mm512_fmadd_ps(_mm512_add_ps(t[r][0], t[r][1]), s, acc[r]);
         }
     };
-    let groups = full.div_ceil(w.group);
+    let groups = w.simd_groups();
     let mut a0 = [_mm512_setzero_ps(); R];
     let mut a1 = [_mm512_setzero_ps(); R];
-    let mut gi = 0;
+    let (mut gi, groups) = (groups.start, groups.end);
     while gi + 2 <= groups {
         group_sum(gi, &mut a0);
         group_sum(gi + 1, &mut a1);
@@ -362,10 +405,10 @@ unsafe fn int4_dot_avx2<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f32
             acc[r] = _mm256_fmadd_ps(_mm256_add_ps(t[r][0], t[r][1]), s, acc[r]);
         }
     };
-    let groups = full.div_ceil(w.group);
+    let groups = w.simd_groups();
     let mut a0 = [_mm256_setzero_ps(); R];
     let mut a1 = [_mm256_setzero_ps(); R];
-    let mut gi = 0;
+    let (mut gi, groups) = (groups.start, groups.end);
     while gi + 2 <= groups {
         group_sum(gi, &mut a0);
         group_sum(gi + 1, &mut a1);
