@@ -6,7 +6,8 @@
 //! packed once per call, transposed into tiles of `MT` rows (`[tile][k][MT]`, zero padded), so
 //! the microkernel loads `MT` consecutive activations as vectors and broadcasts one weight per
 //! output: `MT x NR` accumulators stay in registers for the whole slice.
-//! AVX-512: MT = 32 (2 zmm), NR = 8 (16 accumulators). AVX2: MT = 16, NR = 4 (8 accumulators).
+//! AVX-512: MT = 64 (4 zmm) x NR = 6 for batches over 32 rows, else MT = 32 (2 zmm) x NR = 8;
+//! 24 / 16 accumulators. AVX2: MT = 16, NR = 4 (8 accumulators).
 
 
 use rayon::prelude::*;
@@ -18,8 +19,8 @@ use super::KernelLevel;
 pub const GEMM_MIN_M: usize = 16;
 /// Columns of `W` per panel slice (a multiple of the 32-column INT4 chunk).
 const KC: usize = 512;
-/// Rows of `W` per rayon task.
-const NB: usize = 64;
+/// Rows of `W` per rayon task (a multiple of every microkernel's NR: 4, 6, 8).
+const NB: usize = 48;
 
 /// A weight matrix whose rows decode to f32 in the kernels' column order.
 pub trait Panel: Sync {
@@ -94,7 +95,11 @@ pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Opti
         }
         return;
     }
-    let mt = if level.has_avx512() { 32 } else { 16 };
+    // a 64-row tile issues 24 FMAs per 6 weight broadcasts (vs 16 per 8): on cores where a
+    // broadcast competes with the FMAs for a pipe that is the difference; below 33 rows it
+    // would be mostly padding
+    let wide = level.has_avx512() && m > 32;
+    let mt = if wide { 64 } else if level.has_avx512() { 32 } else { 16 };
     let xt = pack_x(x, m, k, mt);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(NB)).into_par_iter().for_each(|t| {
@@ -107,6 +112,9 @@ pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Opti
         unsafe {
             #[cfg(target_arch = "x86_64")]
             {
+                if wide {
+                    return block_avx512_wide(w, &args);
+                }
                 if level.has_avx512() {
                     return block_avx512(w, &args);
                 }
@@ -148,12 +156,11 @@ struct BlockArgs<'a> {
     out: OutPtr,
 }
 
-/// A register-tiled microkernel: `acc[r][j] = sum_kk w[r * ldw + kk] * xt[kk * MT + j]`.
+/// A register-tiled microkernel: `c[r * ldc + j] += sum_kk w[r * ldw + kk] * xt[kk * MT + j]`.
 trait Micro {
     const MT: usize;
     const NR: usize;
-    /// Writes `NR * MT` sums to `acc` (row-major `[NR][MT]`).
-    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, acc: *mut f32);
+    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize);
 }
 
 #[inline(always)]
@@ -162,14 +169,12 @@ unsafe fn block<P: Panel, M: Micro>(w: &P, a: &BlockArgs) {
     let rows = a.n1 - a.n0;
     let rows_p = rows.next_multiple_of(nr);
     let tiles = a.m.div_ceil(mt);
-    let out = a.out.0;
-    for mi in 0..a.m {
-        for r in 0..rows {
-            *out.add(mi * a.n + a.n0 + r) = a.bias.map_or(0.0, |b| b[a.n0 + r]);
-        }
-    }
+    let m_pad = tiles * mt;
+    // the task's outputs, transposed ([row of W][activation row]) so the microkernel adds whole
+    // vectors; written to `out` once at the end (strided stores into `out` per slice were the
+    // bottleneck: every one of them lands in the same cache set)
+    let mut c = vec![0f32; rows_p * m_pad];
     let mut panel = vec![0f32; rows_p * KC];
-    let mut acc = vec![0f32; nr * mt];
     let mut k0 = 0;
     while k0 < a.k {
         let k1 = (k0 + KC).min(a.k);
@@ -179,15 +184,23 @@ unsafe fn block<P: Panel, M: Micro>(w: &P, a: &BlockArgs) {
         }
         for g in (0..rows_p).step_by(nr) {
             for t in 0..tiles {
-                M::run(a.xt.as_ptr().add(t * a.k * mt + k0 * mt), panel.as_ptr().add(g * KC), KC, kc, acc.as_mut_ptr());
-                for r in 0..nr.min(rows - g.min(rows)) {
-                    for j in 0..mt.min(a.m - t * mt) {
-                        *out.add((t * mt + j) * a.n + a.n0 + g + r) += acc[r * mt + j];
-                    }
-                }
+                M::run(
+                    a.xt.as_ptr().add(t * a.k * mt + k0 * mt),
+                    panel.as_ptr().add(g * KC),
+                    KC,
+                    kc,
+                    c.as_mut_ptr().add(g * m_pad + t * mt),
+                    m_pad,
+                );
             }
         }
         k0 = k1;
+    }
+    let out = a.out.0;
+    for mi in 0..a.m {
+        for r in 0..rows {
+            *out.add(mi * a.n + a.n0 + r) = c[r * m_pad + mi] + a.bias.map_or(0.0, |b| b[a.n0 + r]);
+        }
     }
 }
 
@@ -196,7 +209,7 @@ impl Micro for ScalarMicro {
     const MT: usize = 16;
     const NR: usize = 4;
     #[inline(always)]
-    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, acc: *mut f32) {
+    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize) {
         let mut a = [[0f32; 16]; 4];
         for kk in 0..kc {
             for (r, ar) in a.iter_mut().enumerate() {
@@ -207,7 +220,9 @@ impl Micro for ScalarMicro {
             }
         }
         for (r, ar) in a.iter().enumerate() {
-            std::ptr::copy_nonoverlapping(ar.as_ptr(), acc.add(r * 16), 16);
+            for (j, v) in ar.iter().enumerate() {
+                *c.add(r * ldc + j) += v;
+            }
         }
     }
 }
@@ -222,7 +237,7 @@ impl Micro for Avx512Micro {
     const MT: usize = 32;
     const NR: usize = 8;
     #[inline(always)]
-    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, acc: *mut f32) {
+    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize) {
         let mut a = [[_mm512_setzero_ps(); 2]; 8];
         for kk in 0..kc {
             let x0 = _mm512_loadu_ps(xt.add(kk * 32));
@@ -234,10 +249,45 @@ impl Micro for Avx512Micro {
             }
         }
         for (r, ar) in a.iter().enumerate() {
-            _mm512_storeu_ps(acc.add(r * 32), ar[0]);
-            _mm512_storeu_ps(acc.add(r * 32 + 16), ar[1]);
+            for (v, av) in ar.iter().enumerate() {
+                let p = c.add(r * ldc + 16 * v);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *av));
+            }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512WideMicro;
+#[cfg(target_arch = "x86_64")]
+impl Micro for Avx512WideMicro {
+    const MT: usize = 64;
+    const NR: usize = 6;
+    #[inline(always)]
+    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize) {
+        let mut a = [[_mm512_setzero_ps(); 4]; 6];
+        for kk in 0..kc {
+            let x: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(xt.add(kk * 64 + 16 * v)));
+            for (r, ar) in a.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*w.add(r * ldw + kk));
+                for v in 0..4 {
+                    ar[v] = _mm512_fmadd_ps(b, x[v], ar[v]);
+                }
+            }
+        }
+        for (r, ar) in a.iter().enumerate() {
+            for (v, av) in ar.iter().enumerate() {
+                let p = c.add(r * ldc + 16 * v);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *av));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn block_avx512_wide<P: Panel>(w: &P, a: &BlockArgs) {
+    block::<P, Avx512WideMicro>(w, a)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -247,7 +297,7 @@ impl Micro for Avx2Micro {
     const MT: usize = 16;
     const NR: usize = 4;
     #[inline(always)]
-    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, acc: *mut f32) {
+    unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize) {
         let mut a = [[_mm256_setzero_ps(); 2]; 4];
         for kk in 0..kc {
             let x0 = _mm256_loadu_ps(xt.add(kk * 16));
@@ -259,8 +309,10 @@ impl Micro for Avx2Micro {
             }
         }
         for (r, ar) in a.iter().enumerate() {
-            _mm256_storeu_ps(acc.add(r * 16), ar[0]);
-            _mm256_storeu_ps(acc.add(r * 16 + 8), ar[1]);
+            for (v, av) in ar.iter().enumerate() {
+                let p = c.add(r * ldc + 8 * v);
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *av));
+            }
         }
     }
 }
