@@ -267,7 +267,10 @@ impl Micro for Avx512WideMicro {
     unsafe fn run(xt: *const f32, w: *const f32, ldw: usize, kc: usize, c: *mut f32, ldc: usize) {
         let mut a = [[_mm512_setzero_ps(); 4]; 6];
         for kk in 0..kc {
-            let x: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(xt.add(kk * 64 + 16 * v)));
+            // no closures here: this body is inlined into a #[target_feature] caller, a closure
+            // would not be (and its intrinsics would become calls)
+            let p = xt.add(kk * 64);
+            let x = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))];
             for (r, ar) in a.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(*w.add(r * ldw + kk));
                 for v in 0..4 {

@@ -353,6 +353,9 @@ unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f
         }
     };
     let groups = w.simd_groups();
+    if w.group == 32 {
+        return int4_g32_avx512(w, x, groups);
+    }
     let mut a0 = [_mm512_setzero_ps(); R];
     let mut a1 = [_mm512_setzero_ps(); R];
     let (mut gi, groups) = (groups.start, groups.end);
@@ -367,6 +370,55 @@ unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f
     let mut out = [0f32; R];
     for r in 0..R {
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+    }
+    out
+}
+
+/// Group size 32: one chunk per group, so the per-group bookkeeping is most of the work. The
+/// zero points are turned into floats for the whole column block first, and two groups are
+/// interleaved per iteration with straight-line code.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn int4_g32_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R], groups: std::ops::Range<usize>) -> [f32; R] {
+    const MAX_GROUPS: usize = 4096 / 32;
+    let (g0, g1) = (groups.start, groups.end);
+    assert!(g1 - g0 <= MAX_GROUPS);
+    let mut zf = [0f32; MAX_GROUPS];
+    for (d, z) in zf.iter_mut().zip(&w.zeros[g0..g1]) {
+        *d = 8388608.0 + *z as f32;
+    }
+    let mask = _mm512_set1_epi32(0x0f);
+    let magic = _mm512_set1_epi32(0x4b00_0000);
+    let p = w.packed.as_ptr();
+    let sc = w.scales.as_ptr();
+    let one = |gi: usize, acc: &mut [__m512; R]| {
+        let c = gi * 32;
+        let z = _mm512_set1_ps(*zf.get_unchecked(gi - g0));
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
+        let lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(v, mask, magic)), z);
+        let hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), z);
+        let s = _mm512_set1_ps(*sc.add(gi));
+        for r in 0..R {
+            let t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(c + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(x[r].add(c))));
+            acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
+        }
+    };
+    let mut a = [[_mm512_setzero_ps(); R]; 4];
+    let mut gi = g0;
+    while gi + 4 <= g1 {
+        one(gi, &mut a[0]);
+        one(gi + 1, &mut a[1]);
+        one(gi + 2, &mut a[2]);
+        one(gi + 3, &mut a[3]);
+        gi += 4;
+    }
+    while gi < g1 {
+        one(gi, &mut a[0]);
+        gi += 1;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][r], a[1][r]), _mm512_add_ps(a[2][r], a[3][r])));
     }
     out
 }

@@ -75,8 +75,9 @@ mod imp {
         Some((s, zp))
     }
 
-    /// A whole 32-column group without masks: two vectors, one 16-byte store.
-    #[inline(always)]
+    /// A whole 32-column group without masks: two vectors, one 16-byte store. (Its own
+    /// target features so that its closures get them too and their intrinsics inline.)
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     unsafe fn full_group32(vals: &[f32], symmetric: bool, out: *mut u8, scale: &mut f32, zero: &mut u8) -> Option<()> {
         let p = vals.as_ptr();
         let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
