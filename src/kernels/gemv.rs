@@ -14,15 +14,13 @@ use super::KernelLevel;
 /// Activation rows per weight decode.
 pub const MR: usize = 4;
 
-/// Columns per pass: the activation slice of a pass stays in L1 while every row of the task's
-/// block is multiplied into it (a 14336-wide f32 row would otherwise stream from L2 once per
-/// weight row). A multiple of every INT4 group size.
-fn k_block(m: usize) -> usize {
-    if m == 1 {
-        4096
-    } else {
-        2048
-    }
+/// Columns per pass. Splitting rows into column blocks (so the activation slice stays in L1)
+/// was measured to hurt: DRAM streaming of the weights suffers more from the shorter per-row
+/// runs than the L2-resident activations cost (a 14336-wide f32 activation row is 57 KiB, L2
+/// holds it). So in practice one pass covers the whole row; the blocking stays for rows wider
+/// than this. A multiple of every INT4 group size.
+fn k_block(_m: usize) -> usize {
+    65536
 }
 
 /// Run `f(ni, c0, c1, mi, rows, d)` over the task's rows and column blocks, accumulating the
@@ -60,6 +58,38 @@ fn blocked(
 /// `out[m, n] = x @ W^T + b` for INT8 weights, `x` f32 in natural order, rows of W in parallel.
 pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.scales.len(), w.k);
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && level.has_avx512() {
+        // batch 1: four weight rows per pass share every activation load (a wide activation row
+        // lives in L2, and reloading it once per weight row was the bottleneck)
+        for_each_row_block(n, out, |n0, n1, ptr| {
+            let mut ni = n0;
+            while ni < n1 {
+                let cnt = 4.min(n1 - ni);
+                let d = if cnt == 4 {
+                    let q: [*const i8; 4] = [0, 1, 2, 3].map(|r| w.q[(ni + r) * k..].as_ptr());
+                    let zp = [0, 1, 2, 3].map(|r| w.zero_points[ni + r] as i32);
+                    // SAFETY: the level was checked by KernelLevel::resolve; each row has k bytes.
+                    unsafe { int8_dot4_avx512(q, zp, k, x.as_ptr()) }
+                } else {
+                    let mut d = [0f32; MR];
+                    for r in 0..cnt {
+                        let mut one = [0f32; MR];
+                        int8_rows(level, &w.q[(ni + r) * k..(ni + r + 1) * k], w.zero_points[ni + r] as i32, x, k, 1, &mut one);
+                        d[r] = one[0];
+                    }
+                    d
+                };
+                for r in 0..cnt {
+                    let b = bias.map_or(0.0, |b| b[ni + r]);
+                    // SAFETY: column ni + r belongs to this block alone.
+                    unsafe { *ptr.0.add(ni + r) = w.scales[ni + r] * d[r] + b };
+                }
+                ni += cnt;
+            }
+        });
+        return;
+    }
     for_each_row_block(n, out, |n0, n1, ptr| {
         blocked(
             m, k, n0, n1,
@@ -280,6 +310,35 @@ unsafe fn int8_dot_avx512<const R: usize, const ZP: bool>(q: *const i8, k: usize
     out
 }
 
+/// Four INT8 weight rows against one activation row: `d[r] = sum_j x[j] * (q[r][j] - zp[r])`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn int8_dot4_avx512(q: [*const i8; 4], zp: [i32; 4], k: usize, x: *const f32) -> [f32; 4] {
+    let z = zp.map(|v| _mm512_set1_epi32(v));
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let mut i = 0;
+    while i + 32 <= k {
+        let x0 = _mm512_loadu_ps(x.add(i));
+        let x1 = _mm512_loadu_ps(x.add(i + 16));
+        for r in 0..4 {
+            let v0 = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i).cast())), z[r]);
+            let v1 = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i + 16).cast())), z[r]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), x1, acc[r][1]);
+        }
+        i += 32;
+    }
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        for j in i..k {
+            t += *x.add(j) * (*q[r].add(j) as i32 - zp[r]) as f32;
+        }
+        out[r] = t;
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn int8_dot_avx2<const R: usize, const ZP: bool>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
@@ -375,25 +434,21 @@ unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f
 }
 
 /// Group size 32: one chunk per group, so the per-group bookkeeping is most of the work. The
-/// zero points are turned into floats for the whole column block first, and two groups are
-/// interleaved per iteration with straight-line code.
+/// zero points are turned into floats 256 groups at a time, and four groups are interleaved
+/// per iteration with straight-line code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn int4_g32_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R], groups: std::ops::Range<usize>) -> [f32; R] {
-    const MAX_GROUPS: usize = 4096 / 32;
+    const ZBLOCK: usize = 256;
     let (g0, g1) = (groups.start, groups.end);
-    assert!(g1 - g0 <= MAX_GROUPS);
-    let mut zf = [0f32; MAX_GROUPS];
-    for (d, z) in zf.iter_mut().zip(&w.zeros[g0..g1]) {
-        *d = 8388608.0 + *z as f32;
-    }
+    let mut zf = [0f32; ZBLOCK];
     let mask = _mm512_set1_epi32(0x0f);
     let magic = _mm512_set1_epi32(0x4b00_0000);
     let p = w.packed.as_ptr();
     let sc = w.scales.as_ptr();
-    let one = |gi: usize, acc: &mut [__m512; R]| {
+    let one = |gi: usize, zb: usize, zf: &[f32; ZBLOCK], acc: &mut [__m512; R]| {
         let c = gi * 32;
-        let z = _mm512_set1_ps(*zf.get_unchecked(gi - g0));
+        let z = _mm512_set1_ps(*zf.get_unchecked(gi - zb));
         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
         let lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(v, mask, magic)), z);
         let hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), z);
@@ -404,17 +459,25 @@ unsafe fn int4_g32_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R], group
         }
     };
     let mut a = [[_mm512_setzero_ps(); R]; 4];
-    let mut gi = g0;
-    while gi + 4 <= g1 {
-        one(gi, &mut a[0]);
-        one(gi + 1, &mut a[1]);
-        one(gi + 2, &mut a[2]);
-        one(gi + 3, &mut a[3]);
-        gi += 4;
-    }
-    while gi < g1 {
-        one(gi, &mut a[0]);
-        gi += 1;
+    let mut zb = g0;
+    while zb < g1 {
+        let ze = (zb + ZBLOCK).min(g1);
+        for (d, z) in zf.iter_mut().zip(&w.zeros[zb..ze]) {
+            *d = 8388608.0 + *z as f32;
+        }
+        let mut gi = zb;
+        while gi + 4 <= ze {
+            one(gi, zb, &zf, &mut a[0]);
+            one(gi + 1, zb, &zf, &mut a[1]);
+            one(gi + 2, zb, &zf, &mut a[2]);
+            one(gi + 3, zb, &zf, &mut a[3]);
+            gi += 4;
+        }
+        while gi < ze {
+            one(gi, zb, &zf, &mut a[0]);
+            gi += 1;
+        }
+        zb = ze;
     }
     let mut out = [0f32; R];
     for r in 0..R {
