@@ -59,9 +59,10 @@ fn blocked(
 pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.scales.len(), w.k);
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && level.has_avx512() {
-        // batch 1: four weight rows per pass share every activation load (a wide activation row
-        // lives in L2, and reloading it once per weight row was the bottleneck)
+    if m == 1 && k > 4096 && level.has_avx512() {
+        // batch 1, wide rows: four weight rows per pass share every activation load (an
+        // activation row over 16 KiB lives in L2, and reloading it once per weight row was the
+        // bottleneck); narrower rows stay in L1 and the one-row kernel is faster there
         for_each_row_block(n, out, |n0, n1, ptr| {
             let mut ni = n0;
             while ni < n1 {
@@ -70,7 +71,13 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
                     let q: [*const i8; 4] = [0, 1, 2, 3].map(|r| w.q[(ni + r) * k..].as_ptr());
                     let zp = [0, 1, 2, 3].map(|r| w.zero_points[ni + r] as i32);
                     // SAFETY: the level was checked by KernelLevel::resolve; each row has k bytes.
-                    unsafe { int8_dot4_avx512(q, zp, k, x.as_ptr()) }
+                    unsafe {
+                        if zp == [0; 4] {
+                            int8_dot4_avx512::<false>(q, zp, k, x.as_ptr())
+                        } else {
+                            int8_dot4_avx512::<true>(q, zp, k, x.as_ptr())
+                        }
+                    }
                 } else {
                     let mut d = [0f32; MR];
                     for r in 0..cnt {
@@ -313,16 +320,20 @@ unsafe fn int8_dot_avx512<const R: usize, const ZP: bool>(q: *const i8, k: usize
 /// Four INT8 weight rows against one activation row: `d[r] = sum_j x[j] * (q[r][j] - zp[r])`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn int8_dot4_avx512(q: [*const i8; 4], zp: [i32; 4], k: usize, x: *const f32) -> [f32; 4] {
-    let z = zp.map(|v| _mm512_set1_epi32(v));
+unsafe fn int8_dot4_avx512<const ZP: bool>(q: [*const i8; 4], zp: [i32; 4], k: usize, x: *const f32) -> [f32; 4] {
+    let z = [_mm512_set1_epi32(zp[0]), _mm512_set1_epi32(zp[1]), _mm512_set1_epi32(zp[2]), _mm512_set1_epi32(zp[3])];
     let mut acc = [[_mm512_setzero_ps(); 2]; 4];
     let mut i = 0;
     while i + 32 <= k {
         let x0 = _mm512_loadu_ps(x.add(i));
         let x1 = _mm512_loadu_ps(x.add(i + 16));
         for r in 0..4 {
-            let v0 = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i).cast())), z[r]);
-            let v1 = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i + 16).cast())), z[r]);
+            let mut v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i).cast()));
+            let mut v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(q[r].add(i + 16).cast()));
+            if ZP {
+                v0 = _mm512_sub_epi32(v0, z[r]);
+                v1 = _mm512_sub_epi32(v1, z[r]);
+            }
             acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), x0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), x1, acc[r][1]);
         }
