@@ -7,6 +7,7 @@ pub mod error;
 pub mod formats;
 pub mod gguf;
 pub mod kernels;
+mod mem;
 
 #[cfg(feature = "python")]
 mod python;

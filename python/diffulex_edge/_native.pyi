@@ -1,11 +1,14 @@
 """Type stubs for the Rust extension module (src/python/mod.rs)."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+
+#: activations: float32, or bfloat16 bits as uint16 (`t.view(torch.int16).numpy().view(np.uint16)`)
+Act = Union[npt.NDArray[np.float32], npt.NDArray[np.uint16]]
 
 def kernel_info() -> dict: ...
 def f32_to_half(src: npt.NDArray[np.float32], out: npt.NDArray[np.uint16], bf16: bool = False) -> None: ...
@@ -27,7 +30,7 @@ def dequantize_int4(
     in_features: int,
 ) -> npt.NDArray[np.float32]: ...
 def linear_half(
-    x: npt.NDArray[np.float32],
+    x: Act,
     w: npt.NDArray[np.uint16],
     out: npt.NDArray[np.float32],
     bias: Optional[npt.NDArray[np.float32]] = None,
@@ -35,7 +38,7 @@ def linear_half(
     kernel: str = "auto",
 ) -> None: ...
 def linear_int8(
-    x: npt.NDArray[np.float32],
+    x: Act,
     q: npt.NDArray[np.int8],
     scales: npt.NDArray[np.float32],
     zero_points: npt.NDArray[np.int8],
@@ -44,7 +47,7 @@ def linear_int8(
     kernel: str = "auto",
 ) -> None: ...
 def linear_int4(
-    x: npt.NDArray[np.float32],
+    x: Act,
     packed: npt.NDArray[np.uint8],
     scales: npt.NDArray[np.float32],
     zeros: npt.NDArray[np.uint8],
@@ -55,7 +58,7 @@ def linear_int4(
     kernel: str = "auto",
 ) -> None: ...
 def quantize_act_int8(
-    x: npt.NDArray[np.float32], q: npt.NDArray[np.int8], scales: npt.NDArray[np.float32], static_scale: Optional[float] = None,
+    x: Act, q: npt.NDArray[np.int8], scales: npt.NDArray[np.float32], static_scale: Optional[float] = None,
     kernel: str = "auto",
 ) -> None: ...
 def linear_w8a8(

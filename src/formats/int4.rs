@@ -66,14 +66,14 @@ impl Int4Matrix {
         Int4Layout { rows: self.rows, cols: self.cols, group: self.group }
     }
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+        let mut out = crate::mem::zeroed_vec(self.rows * self.cols);
         dequantize_into(self.layout(), &self.packed, &self.scales, &self.zeros, &mut out)
             .expect("Int4Matrix fields are consistent by construction");
         out
     }
 }
 
-fn group_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, u8)> {
+pub(crate) fn group_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, u8)> {
     if symmetric {
         let s = absmax / 7.5;
         let s = if s == 0.0 { 1.0 } else { s };
@@ -135,7 +135,7 @@ pub fn quantize(w: &[f32], layout: Int4Layout, symmetric: bool, level: KernelLev
     let g = layout.groups();
     let mut m = Int4Matrix {
         rows: layout.rows, cols: layout.cols, group: layout.group,
-        packed: vec![0; layout.rows * layout.row_bytes()],
+        packed: crate::mem::zeroed_vec(layout.rows * layout.row_bytes()),
         scales: vec![0.0; layout.rows * g],
         zeros: vec![0; layout.rows * g],
     };
@@ -162,6 +162,13 @@ pub fn quantize_into(
         .zip(scales.par_chunks_mut(g).zip(zeros.par_chunks_mut(g)))
         .enumerate()
         .filter_map(|(r, ((pr, wr), (sr, zr)))| {
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() {
+                // SAFETY: the level was checked by KernelLevel::resolve.
+                return unsafe { crate::kernels::quantize::int4_row_avx512(wr, group, symmetric, pr, sr, zr) }
+                    .err()
+                    .map(|gi| (r, gi));
+            }
             // one f32 scratch row of nibble values per task, packed afterwards
             let mut u = vec![0u8; cols + 1];
             for gi in 0..g {

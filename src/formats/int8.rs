@@ -28,7 +28,7 @@ pub struct Int8Matrix {
 
 impl Int8Matrix {
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+        let mut out = crate::mem::zeroed_vec(self.rows * self.cols);
         dequantize_into(&self.q, &self.scales, &self.zero_points, self.cols, &mut out)
             .expect("Int8Matrix fields are consistent by construction");
         out
@@ -45,7 +45,7 @@ pub(crate) fn round_even_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
-fn row_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, i8)> {
+pub(crate) fn row_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, i8)> {
     if symmetric {
         let s = absmax / 127.5;
         let s = if s == 0.0 { 1.0 } else { s };
@@ -93,7 +93,7 @@ pub fn quantize_ref(w: &[f32], rows: usize, cols: usize, symmetric: bool) -> Res
 
 /// Fast path: rows in parallel, SIMD-friendly loops, bit-identical to `quantize_ref`.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, symmetric: bool, level: KernelLevel) -> Result<Int8Matrix> {
-    let mut out = Int8Matrix { rows, cols, q: vec![0; rows * cols], scales: vec![0.0; rows], zero_points: vec![0; rows] };
+    let mut out = Int8Matrix { rows, cols, q: crate::mem::zeroed_vec(rows * cols), scales: vec![0.0; rows], zero_points: vec![0; rows] };
     quantize_into(w, rows, cols, symmetric, level, &mut out.q, &mut out.scales, &mut out.zero_points)?;
     Ok(out)
 }
@@ -119,6 +119,18 @@ pub fn quantize_into(
         .zip(scales.par_iter_mut().zip(zero_points.par_iter_mut()))
         .enumerate()
         .filter_map(|(r, ((qr, wr), (s, z)))| {
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() {
+                // SAFETY: the level was checked by KernelLevel::resolve.
+                return match unsafe { crate::kernels::quantize::int8_row_avx512(wr, qr, symmetric) } {
+                    Some((sc, zp)) => {
+                        *s = sc;
+                        *z = zp;
+                        None
+                    }
+                    None => Some(r),
+                };
+            }
             let (lo, hi, absmax, finite) = row_stats(level, wr);
             if !finite {
                 return Some(r);

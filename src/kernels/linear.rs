@@ -6,7 +6,10 @@
 
 use rayon::prelude::*;
 
+use super::act::Act;
 use super::dot::dot4;
+use super::gemm::{gemm, GEMM_MIN_M};
+use super::gemv::{int4_gemv, int8_gemv};
 use super::KernelLevel;
 use crate::error::{check_len, Result};
 use crate::formats::half_float::{convert_to_f32, HalfKind};
@@ -21,6 +24,16 @@ pub trait RowDecoder: Sync {
     /// (output features n, input features k)
     fn shape(&self) -> (usize, usize);
     fn decode_row(&self, row: usize, out: &mut [f32]);
+    /// The quantized formats that have fused SIMD kernels say so here.
+    fn fused(&self) -> Option<Fused<'_>> {
+        None
+    }
+}
+
+/// Weights with fused GEMV / blocked GEMM kernels (`gemv.rs`, `gemm.rs`).
+pub enum Fused<'a> {
+    Int8(&'a Int8Weights<'a>),
+    Int4(&'a Int4Weights<'a>),
 }
 
 /// Plain f32 weights (the reference the quantized decoders are compared with).
@@ -93,6 +106,9 @@ impl RowDecoder for Int8Weights<'_> {
     fn decode_row(&self, row: usize, out: &mut [f32]) {
         int8_row(&self.q[row * self.k..(row + 1) * self.k], self.scales[row], self.zero_points[row], out);
     }
+    fn fused(&self) -> Option<Fused<'_>> {
+        Some(Fused::Int8(self))
+    }
 }
 
 /// INT4 grouped weights.
@@ -124,6 +140,9 @@ impl RowDecoder for Int4Weights<'_> {
             out,
         );
     }
+    fn fused(&self) -> Option<Fused<'_>> {
+        Some(Fused::Int4(self))
+    }
 }
 
 /// Raw output pointer shared by tasks that write disjoint elements.
@@ -137,8 +156,17 @@ unsafe impl Sync for OutPtr {}
 pub fn linear<D: RowDecoder>(
     x: &[f32], m: usize, w: &D, bias: Option<&[f32]>, out: &mut [f32], level: KernelLevel,
 ) -> Result<()> {
+    linear_act(Act::F32(x), m, w, bias, out, level)
+}
+
+/// `linear` with f32 or bf16 activations. INT8 / INT4 weights at a SIMD level take the fused
+/// GEMV (batch < `GEMM_MIN_M`) or the blocked GEMM; everything else (and the `Scalar` level)
+/// decodes `ROWS` rows at a time into f32 scratch and runs `dot4`.
+pub fn linear_act<D: RowDecoder>(
+    x: Act<'_>, m: usize, w: &D, bias: Option<&[f32]>, out: &mut [f32], level: KernelLevel,
+) -> Result<()> {
     let (n, k) = w.shape();
-    check_len("input", x.len(), m * k)?;
+    x.check(m, k)?;
     check_len("output", out.len(), m * n)?;
     if let Some(b) = bias {
         check_len("bias", b.len(), n)?;
@@ -146,6 +174,31 @@ pub fn linear<D: RowDecoder>(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if level != KernelLevel::Scalar && k > 0 {
+        match w.fused() {
+            Some(Fused::Int8(w8)) => {
+                let xf = x.to_f32(m, k, false);
+                if m >= GEMM_MIN_M {
+                    gemm(level, &xf, m, w8, bias, out);
+                } else {
+                    int8_gemv(level, &xf, m, w8, bias, out);
+                }
+                return Ok(());
+            }
+            Some(Fused::Int4(w4)) => {
+                let xf = x.to_f32(m, k, true);
+                if m >= GEMM_MIN_M {
+                    gemm(level, &xf, m, w4, bias, out);
+                } else {
+                    int4_gemv(level, &xf, m, w4, bias, out);
+                }
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+    let xf = x.to_f32(m, k, false);
+    let x: &[f32] = &xf;
     for_each_row_block(n, out, |n0, n1, ptr| {
         let mut buf = vec![0f32; ROWS * k];
         let mut j = n0;
@@ -214,9 +267,9 @@ unsafe fn block_dispatch(level: KernelLevel, b: &Block, out: OutPtr) {
     }
     match level {
         #[cfg(target_arch = "x86_64")]
-        KernelLevel::Avx512 => avx512(b, out),
+        KernelLevel::Avx512 | KernelLevel::Avx512Vnni => avx512(b, out),
         #[cfg(target_arch = "x86_64")]
-        KernelLevel::Avx2 => avx2(b, out),
+        KernelLevel::Avx2 | KernelLevel::AvxVnni => avx2(b, out),
         _ => block_generic::<false>(b, out),
     }
 }
@@ -238,8 +291,14 @@ mod tests {
             .collect()
     }
 
-    /// f64 reference on the dequantized weights, and a bound from the summation error.
+    /// f64 reference on the dequantized weights, and a bound from the summation error:
+    /// `(k + 2) * eps * sum |x * w|` (every kernel sums k products, each rounded once or twice).
     fn check<D: RowDecoder>(x: &[f32], m: usize, w: &D, bias: Option<&[f32]>) {
+        check_act(Act::F32(x), x, m, w, bias)
+    }
+
+    /// `xa` is what the kernel gets, `x` the same values as f32 for the reference.
+    fn check_act<D: RowDecoder>(xa: Act, x: &[f32], m: usize, w: &D, bias: Option<&[f32]>) {
         let (n, k) = w.shape();
         let mut dense = vec![0f32; n * k];
         for r in 0..n {
@@ -247,7 +306,7 @@ mod tests {
         }
         for level in KernelLevel::available() {
             let mut out = vec![f32::NAN; m * n];
-            linear(x, m, w, bias, &mut out, level).unwrap();
+            linear_act(xa, m, w, bias, &mut out, level).unwrap();
             for mi in 0..m {
                 for ni in 0..n {
                     let row = &dense[ni * k..(ni + 1) * k];
@@ -257,7 +316,7 @@ mod tests {
                     let mag: f64 = xs.iter().zip(row).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
                     let bound = (k as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-6;
                     let got = out[mi * n + ni] as f64;
-                    assert!((got - exact).abs() <= bound, "{level:?} m={mi} n={ni}: {got} vs {exact}");
+                    assert!((got - exact).abs() <= bound, "{level:?} m={mi}/{m} n={ni}/{n} k={k}: {got} vs {exact}");
                 }
             }
         }
@@ -265,7 +324,12 @@ mod tests {
 
     #[test]
     fn odd_shapes_all_formats() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7)] {
+        // m < GEMM_MIN_M takes the fused GEMV, m >= GEMM_MIN_M the blocked GEMM; n = 70 crosses
+        // the GEMM's 64-row task blocks and leaves register-tile tails; k = 4095 crosses KC.
+        for &(m, n, k) in &[
+            (1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7), (1, 70, 31),
+            (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257), (300, 5, 40), (20, 3, 0), (1, 9, 4133), (3, 6, 8200), (1, 4, 9000), (2, 3, 70001),
+        ] {
             let x = data(m * k, 1);
             let wf = data(n * k, 2);
             let bias = data(n, 3);
@@ -275,14 +339,59 @@ mod tests {
                 half_float::f32_to_half(&wf, &mut h, kind).unwrap();
                 check(&x, m, &HalfWeights::new(&h, n, k, kind).unwrap(), None);
             }
+            // bf16 activations: the kernels widen them exactly, so the f32 of the same values is the reference
+            let mut xb = vec![0u16; m * k];
+            half_float::f32_to_half(&x, &mut xb, HalfKind::BF16).unwrap();
+            let mut xbf = vec![0f32; m * k];
+            half_float::half_to_f32(&xb, &mut xbf, HalfKind::BF16).unwrap();
             for sym in [true, false] {
                 let q8 = int8::quantize(&wf, n, k, sym, KernelLevel::detect()).unwrap();
-                check(&x, m, &Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap(), Some(&bias));
+                let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
+                check(&x, m, &w8, Some(&bias));
+                check_act(Act::Bf16(&xb), &xbf, m, &w8, None);
                 for g in [32, 128] {
                     let layout = Int4Layout::new(n, k, g).unwrap();
                     let q4 = int4::quantize(&wf, layout, sym, KernelLevel::detect()).unwrap();
-                    check(&x, m, &Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap(), Some(&bias));
+                    let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
+                    check(&x, m, &w4, Some(&bias));
+                    check_act(Act::Bf16(&xb), &xbf, m, &w4, Some(&bias));
                 }
+            }
+        }
+    }
+
+    /// The portable fallbacks of the fused kernels (reached only through a direct call).
+    #[test]
+    fn fused_kernels_scalar_fallback() {
+        let (m, n, k) = (3, 5, 100);
+        let x = data(m * k, 4);
+        let wf = data(n * k, 5);
+        let layout = Int4Layout::new(n, k, 32).unwrap();
+        let q4 = int4::quantize(&wf, layout, false, KernelLevel::Scalar).unwrap();
+        let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
+        let q8 = int8::quantize(&wf, n, k, false, KernelLevel::Scalar).unwrap();
+        let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
+        let mut want = vec![0f32; m * n];
+        let mut got = vec![0f32; m * n];
+        for fused in [true, false] {
+            let x4 = Act::F32(&x).to_f32(m, k, true);
+            linear(&x, m, &w4, None, &mut want, KernelLevel::Scalar).unwrap();
+            if fused {
+                int4_gemv(KernelLevel::Scalar, &x4, m, &w4, None, &mut got);
+            } else {
+                gemm(KernelLevel::Scalar, &x4, m, &w4, None, &mut got);
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            linear(&x, m, &w8, None, &mut want, KernelLevel::Scalar).unwrap();
+            if fused {
+                int8_gemv(KernelLevel::Scalar, &x, m, &w8, None, &mut got);
+            } else {
+                gemm(KernelLevel::Scalar, &x, m, &w8, None, &mut got);
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
             }
         }
     }

@@ -7,10 +7,17 @@
 
 use rayon::prelude::*;
 
+use super::act::Act;
 use super::linear::{for_each_row_block, OutPtr};
+use super::vnni::dot_block;
 use super::{dispatch, KernelLevel};
 use crate::error::{check_len, Error, Result};
 use crate::formats::int8::round_even_small;
+
+/// Largest `k` the int32 accumulation supports: the true sum `sum xq * (wq - zw)` is bounded by
+/// `128 * 255 * k`, which fits in i32 for k <= 65536 (the SIMD partial sums may wrap; the final
+/// wrapping result is still exact).
+pub const MAX_K: usize = 65536;
 
 /// Largest activation code: symmetric [-127, 127] (as LLM.int8() and SmoothQuant use).
 pub const ACT_QMAX: f32 = 127.0;
@@ -20,7 +27,14 @@ pub const ACT_QMAX: f32 = 127.0;
 pub fn quantize_activations(
     x: &[f32], m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
 ) -> Result<()> {
-    check_len("input", x.len(), m * k)?;
+    quantize_activations_act(Act::F32(x), m, k, static_scale, q, scales, level)
+}
+
+/// `quantize_activations` for f32 or bf16 input (bf16 rows are widened exactly first).
+pub fn quantize_activations_act(
+    x: Act<'_>, m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
+) -> Result<()> {
+    x.check(m, k)?;
     check_len("q", q.len(), m * k)?;
     check_len("scales", scales.len(), m)?;
     if let Some(s) = static_scale {
@@ -32,7 +46,16 @@ pub fn quantize_activations(
         scales.iter_mut().for_each(|s| *s = static_scale.unwrap_or(1.0));
         return Ok(());
     }
-    q.par_chunks_mut(k).zip(x.par_chunks(k)).zip(scales.par_iter_mut()).for_each(|((qr, xr), s)| {
+    q.par_chunks_mut(k).zip(scales.par_iter_mut()).enumerate().for_each(|(mi, (qr, s))| {
+        let mut buf = Vec::new();
+        let xr: &[f32] = match x {
+            Act::F32(x) => &x[mi * k..(mi + 1) * k],
+            Act::Bf16(_) => {
+                buf.resize(k, 0f32);
+                x.row_into(mi, k, &mut buf);
+                &buf
+            }
+        };
         let sc = static_scale.unwrap_or_else(|| {
             let a = absmax(level, xr) / ACT_QMAX;
             if a > 0.0 && a.is_finite() { a } else { 1.0 }
@@ -83,7 +106,8 @@ pub fn linear_w8a8_ref(
     }
 }
 
-/// Fast path: rows of `W` in parallel blocks, int32 dot products that vectorize per level.
+/// Fast path: rows of `W` in parallel blocks, register-tiled integer dot products
+/// (`vnni::dot_block`: VNNI `vpdpbusd` where the level has it, `vpmaddwd` otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_w8a8(
     xq: &[i8], x_scales: &[f32], wq: &[i8], w_scales: &[f32], w_zero: &[i8], k: usize, bias: Option<&[f32]>, out: &mut [f32],
@@ -97,46 +121,24 @@ pub fn linear_w8a8(
     if let Some(b) = bias {
         check_len("bias", b.len(), n)?;
     }
-    if k >= 1 << 17 {
-        return Err(Error::Shape(format!("in_features {k} is too large for int32 accumulation (max 131071)")));
+    if k > MAX_K {
+        return Err(Error::Shape(format!(
+            "in_features {k} is too large for int32 accumulation (max {MAX_K})"
+        )));
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     let xsum: Vec<i32> = (0..m).map(|mi| xq[mi * k..(mi + 1) * k].iter().map(|v| *v as i32).sum()).collect();
     for_each_row_block(n, out, |n0, n1, ptr: OutPtr| {
-        for ni in n0..n1 {
-            let wr = &wq[ni * k..(ni + 1) * k];
-            let (sw, zw, b) = (w_scales[ni], w_zero[ni] as i32, bias.map_or(0.0, |b| b[ni]));
-            for mi in 0..m {
-                let acc = dot_i8(level, &xq[mi * k..(mi + 1) * k], wr) - zw * xsum[mi];
-                // SAFETY: column ni belongs to this block alone.
-                unsafe { *ptr.0.add(mi * n + ni) = x_scales[mi] * sw * acc as f32 + b };
-            }
-        }
+        dot_block(level, xq, &xsum, m, k, wq, n0, n1, |mi, ni, dot| {
+            let acc = dot.wrapping_sub((w_zero[ni] as i32).wrapping_mul(xsum[mi]));
+            let b = bias.map_or(0.0, |b| b[ni]);
+            // SAFETY: column ni belongs to this block alone.
+            unsafe { *ptr.0.add(mi * n + ni) = x_scales[mi] * w_scales[ni] * acc as f32 + b };
+        });
     });
     Ok(())
-}
-
-fn dot_i8(level: KernelLevel, a: &[i8], b: &[i8]) -> i32 {
-    dispatch!(level, fn d(a: &[i8], b: &[i8]) -> i32 {
-        let mut acc = [0i32; 16];
-        let ca = a.chunks_exact(16);
-        let ta = ca.remainder();
-        let mut cb = b.chunks_exact(16);
-        for x in ca {
-            let y = cb.next().unwrap_or(&[0; 16]);
-            for i in 0..16 {
-                acc[i] += x[i] as i16 as i32 * y[i] as i16 as i32;
-            }
-        }
-        let tb = cb.remainder();
-        let mut s: i32 = acc.iter().sum();
-        for (x, y) in ta.iter().zip(tb) {
-            s += *x as i32 * *y as i32;
-        }
-        s
-    })
 }
 
 #[cfg(test)]
@@ -171,6 +173,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_activations_match_their_f32_values() {
+        let bits: Vec<u16> = (0..3 * 70).map(|i| (0x3c00 + (i * 97) % 0x0800) as u16 ^ if i % 3 == 0 { 0x8000 } else { 0 }).collect();
+        let wide: Vec<f32> = bits.iter().map(|b| f32::from_bits((*b as u32) << 16)).collect();
+        for level in KernelLevel::available() {
+            let (mut q1, mut s1, mut q2, mut s2) = (vec![0i8; 210], vec![0f32; 3], vec![0i8; 210], vec![0f32; 3]);
+            quantize_activations(&wide, 3, 70, None, &mut q1, &mut s1, level).unwrap();
+            quantize_activations_act(Act::Bf16(&bits), 3, 70, None, &mut q2, &mut s2, level).unwrap();
+            assert_eq!((q1, s1), (q2, s2), "{level:?}");
+        }
+    }
+
+    #[test]
+    fn too_long_rows_are_a_shape_error() {
+        let k = MAX_K + 1;
+        let (xq, wq) = (vec![0i8; k], vec![0i8; k]);
+        let mut out = [0f32];
+        let e = linear_w8a8(&xq, &[1.0], &wq, &[1.0], &[0], k, None, &mut out, KernelLevel::Scalar).unwrap_err();
+        assert!(matches!(e, Error::Shape(_)));
     }
 
     #[test]

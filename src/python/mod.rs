@@ -12,12 +12,41 @@ use pyo3::types::PyDict;
 
 use crate::formats::half_float::{self, HalfKind};
 use crate::formats::{int4, int8};
+use crate::kernels::act::Act;
 use crate::kernels::linear::{self, HalfWeights, Int4Weights, Int8Weights};
 use crate::kernels::{w8a8, KernelLevel};
 use errors::{detached, to_py};
 
 type Int8Out<'py> = (Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<i8>>);
 type Int4Out<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+/// Activations: float32, or bfloat16 bits as uint16 (`t.view(torch.int16).numpy().view(np.uint16)`).
+#[derive(FromPyObject)]
+enum XIn<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    Bf16(PyReadonlyArray2<'py, u16>),
+}
+
+impl XIn<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            XIn::F32(a) => a.shape()[0],
+            XIn::Bf16(a) => a.shape()[0],
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            XIn::F32(a) => a.shape()[1],
+            XIn::Bf16(a) => a.shape()[1],
+        }
+    }
+    fn act(&self) -> PyResult<Act<'_>> {
+        Ok(match self {
+            XIn::F32(a) => Act::F32(a.as_slice()?),
+            XIn::Bf16(a) => Act::Bf16(a.as_slice()?),
+        })
+    }
+}
 
 fn level(kernel: &str) -> PyResult<KernelLevel> {
     KernelLevel::resolve(kernel).map_err(to_py)
@@ -135,15 +164,15 @@ fn dequantize_int4<'py>(
 #[pyfunction]
 #[pyo3(signature = (x, w, out, bias=None, bf16=false, kernel="auto"))]
 fn linear_half(
-    py: Python<'_>, x: PyReadonlyArray2<'_, f32>, w: PyReadonlyArray2<'_, u16>, mut out: PyReadwriteArray2<'_, f32>,
+    py: Python<'_>, x: XIn<'_>, w: PyReadonlyArray2<'_, u16>, mut out: PyReadwriteArray2<'_, f32>,
     bias: Option<PyReadonlyArray1<'_, f32>>, bf16: bool, kernel: &str,
 ) -> PyResult<()> {
     let (n, k) = shape2(&w);
-    let m = shape2(&x).0;
+    let m = x.rows();
     let lv = level(kernel)?;
-    let (xs, ws, b) = (x.as_slice()?, w.as_slice()?, bias.as_ref().map(|b| b.as_slice()).transpose()?);
+    let (xs, ws, b) = (x.act()?, w.as_slice()?, bias.as_ref().map(|b| b.as_slice()).transpose()?);
     let o = out.as_slice_mut()?;
-    detached(py, || linear::linear(xs, m, &HalfWeights::new(ws, n, k, half_kind(bf16))?, b, o, lv))
+    detached(py, || linear::linear_act(xs, m, &HalfWeights::new(ws, n, k, half_kind(bf16))?, b, o, lv))
 }
 
 /// `out = x @ W^T + bias` with `W` INT8 per-channel.
@@ -151,17 +180,17 @@ fn linear_half(
 #[pyo3(signature = (x, q, scales, zero_points, out, bias=None, kernel="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn linear_int8(
-    py: Python<'_>, x: PyReadonlyArray2<'_, f32>, q: PyReadonlyArray2<'_, i8>, scales: PyReadonlyArray1<'_, f32>,
+    py: Python<'_>, x: XIn<'_>, q: PyReadonlyArray2<'_, i8>, scales: PyReadonlyArray1<'_, f32>,
     zero_points: PyReadonlyArray1<'_, i8>, mut out: PyReadwriteArray2<'_, f32>, bias: Option<PyReadonlyArray1<'_, f32>>,
     kernel: &str,
 ) -> PyResult<()> {
     let k = shape2(&q).1;
-    let m = shape2(&x).0;
+    let m = x.rows();
     let lv = level(kernel)?;
-    let (xs, qs, ss, zs) = (x.as_slice()?, q.as_slice()?, scales.as_slice()?, zero_points.as_slice()?);
+    let (xs, qs, ss, zs) = (x.act()?, q.as_slice()?, scales.as_slice()?, zero_points.as_slice()?);
     let b = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let o = out.as_slice_mut()?;
-    detached(py, || linear::linear(xs, m, &Int8Weights::new(qs, ss, zs, k)?, b, o, lv))
+    detached(py, || linear::linear_act(xs, m, &Int8Weights::new(qs, ss, zs, k)?, b, o, lv))
 }
 
 /// `out = x @ W^T + bias` with `W` INT4 grouped and packed.
@@ -169,32 +198,32 @@ fn linear_int8(
 #[pyo3(signature = (x, packed, scales, zeros, group_size, in_features, out, bias=None, kernel="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn linear_int4(
-    py: Python<'_>, x: PyReadonlyArray2<'_, f32>, packed: PyReadonlyArray2<'_, u8>, scales: PyReadonlyArray2<'_, f32>,
+    py: Python<'_>, x: XIn<'_>, packed: PyReadonlyArray2<'_, u8>, scales: PyReadonlyArray2<'_, f32>,
     zeros: PyReadonlyArray2<'_, u8>, group_size: usize, in_features: usize, mut out: PyReadwriteArray2<'_, f32>,
     bias: Option<PyReadonlyArray1<'_, f32>>, kernel: &str,
 ) -> PyResult<()> {
     let n = shape2(&packed).0;
-    let m = shape2(&x).0;
+    let m = x.rows();
     let layout = int4::Int4Layout::new(n, in_features, group_size).map_err(to_py)?;
     let lv = level(kernel)?;
-    let (xs, p, s, z) = (x.as_slice()?, packed.as_slice()?, scales.as_slice()?, zeros.as_slice()?);
+    let (xs, p, s, z) = (x.act()?, packed.as_slice()?, scales.as_slice()?, zeros.as_slice()?);
     let b = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let o = out.as_slice_mut()?;
-    detached(py, || linear::linear(xs, m, &Int4Weights::new(layout, p, s, z)?, b, o, lv))
+    detached(py, || linear::linear_act(xs, m, &Int4Weights::new(layout, p, s, z)?, b, o, lv))
 }
 
 /// Quantize activations `[m, k]` to int8 per row (dynamic) or with one fixed scale (static).
 #[pyfunction]
 #[pyo3(signature = (x, q, scales, static_scale=None, kernel="auto"))]
 fn quantize_act_int8(
-    py: Python<'_>, x: PyReadonlyArray2<'_, f32>, mut q: PyReadwriteArray2<'_, i8>, mut scales: PyReadwriteArray1<'_, f32>,
+    py: Python<'_>, x: XIn<'_>, mut q: PyReadwriteArray2<'_, i8>, mut scales: PyReadwriteArray1<'_, f32>,
     static_scale: Option<f32>, kernel: &str,
 ) -> PyResult<()> {
-    let (m, k) = shape2(&x);
+    let (m, k) = (x.rows(), x.cols());
     let lv = level(kernel)?;
-    let xs = x.as_slice()?;
+    let xs = x.act()?;
     let (qs, ss) = (q.as_slice_mut()?, scales.as_slice_mut()?);
-    detached(py, || w8a8::quantize_activations(xs, m, k, static_scale, qs, ss, lv))
+    detached(py, || w8a8::quantize_activations_act(xs, m, k, static_scale, qs, ss, lv))
 }
 
 /// `out = (xq * x_scales) @ ((q - zp) * scales)^T + bias` with int32 accumulation.

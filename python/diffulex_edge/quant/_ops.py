@@ -116,10 +116,16 @@ def is_tracing() -> bool:
     return bool(check()) if check is not None else False
 
 
-def split_rows(x: torch.Tensor, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
-    """Flatten leading dims: `[..., k]` -> contiguous float32 `[m, k]` CPU tensor."""
+def split_rows(x: torch.Tensor, in_features: int, keep_bf16: bool = False) -> Tuple[torch.Tensor, torch.Size]:
+    """Flatten leading dims: `[..., k]` -> contiguous float32 `[m, k]` CPU tensor (bfloat16 kept
+    as is with `keep_bf16`: the native kernels widen it themselves)."""
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, in_features)
-    if x2.dtype != torch.float32:
+    if x2.dtype != torch.float32 and not (keep_bf16 and x2.dtype == torch.bfloat16):
         x2 = x2.to(torch.float32)
     return x2.contiguous(), lead
+
+
+def np_act(x2: torch.Tensor) -> np.ndarray:
+    """What the native kernels take as activations: float32, or bfloat16 as a uint16 view."""
+    return np_u16(x2) if x2.dtype == torch.bfloat16 else x2.numpy()

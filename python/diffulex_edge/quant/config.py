@@ -14,7 +14,7 @@ from ..errors import ConfigError
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 MODES = ("weight_only", "dynamic", "static")
 ON_INDIVISIBLE = ("error", "skip", "pad")
-KERNELS = ("auto", "scalar", "avx2", "avx512")
+KERNELS = ("auto", "scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni")
 
 
 class QuantizationDtype(str, enum.Enum):
@@ -79,7 +79,8 @@ class QuantizationConfig:
         skip_tied: keep Linear layers whose weight is shared with another module (e.g. a
             ``lm_head`` tied to the embeddings) in full precision, since quantizing them would
             add a copy instead of saving memory.
-        kernel: CPU kernel level, ``"auto"`` or one of ``"scalar"``, ``"avx2"``, ``"avx512"``.
+        kernel: CPU kernel level, ``"auto"`` or one of ``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx_vnni"``
+            (AVX2 + VEX VNNI for W8A8), ``"avx512_vnni"`` (AVX-512 + VNNI for W8A8).
         enabled: ``False`` switches quantization off while keeping the settings. Defaults to on
             when a dtype is given.
     """

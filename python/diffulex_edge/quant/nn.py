@@ -1,7 +1,9 @@
 """`QuantizedLinear`: a drop-in `nn.Linear` replacement that keeps its weight quantized.
 
-On CPU the forward pass calls a Rust kernel that reads the packed weights directly (rows are
-decoded into a small cache-resident scratch; the full float weight never exists). On any other
+On CPU the forward pass calls a Rust kernel that reads the packed weights directly (a fused
+decode-and-multiply GEMV at small batch, a blocked GEMM over cache-sized decoded panels at larger
+batch; the full float weight never exists). bfloat16 activations are passed through as a uint16
+view and widened in Rust. On any other
 device, while tracing/compiling/exporting, or when gradients must flow to the input, it runs the
 same math in torch ops (dequantize + matmul), so a quantized model works everywhere.
 """
@@ -227,11 +229,12 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), bias)
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _ops.split_rows(x, self.in_features)
+        # bf16 activations cross as a uint16 view; the kernels widen them (exactly) in Rust
+        x2, lead = _ops.split_rows(x, self.in_features, keep_bf16=True)
         m, n = x2.shape[0], self.out_features
         out = torch.empty(m, n, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.to(torch.float32).numpy()
-        xs, o = x2.numpy(), out.numpy()
+        xs, o = _ops.np_act(x2), out.numpy()
         if self.qdtype.is_float:
             _native.linear_half(
                 xs, _ops.np_u16(self.weight), o, bias, self.qdtype == QuantizationDtype.BF16, self.kernel
