@@ -27,3 +27,11 @@ def test_demo_runs_and_orders_errors(capsys):
     assert rows["FP32 (reference)"]["rel_error"] == 0
     assert rows["FP16"]["rel_error"] < rows["INT8 (weight-only)"]["rel_error"] < rows["INT4 g128"]["rel_error"]
     assert rows["INT4 g32"]["compression"] > rows["INT8 (weight-only)"]["compression"] > rows["FP16"]["compression"] > 1
+
+
+def test_demo_latencies_are_positive_and_speedup_is_relative_to_fp32():
+    rows = demo.run(dim=64, layers=1, vocab=64, seq=8, reps=2)
+    assert rows[0]["speedup"] == 1.0
+    for r in rows:
+        assert r["latency_ms"] > 0
+        assert abs(r["speedup"] - rows[0]["latency_ms"] / r["latency_ms"]) < 1e-12

@@ -1,4 +1,4 @@
-//! Blocked GEMM for weight-only INT8 / INT4 at larger batch (prefill).
+//! Blocked GEMM for weight-only INT8 / INT4 / FP16 / BF16 at larger batch (prefill).
 //!
 //! Each rayon task owns `NB` rows of `W` (output columns). For every `KC`-column slice it decodes
 //! its rows once into an f32 panel (L2-resident) and runs a register-tiled microkernel over all
@@ -12,7 +12,8 @@
 
 use rayon::prelude::*;
 
-use super::linear::{Int4Weights, Int8Weights, OutPtr};
+use super::linear::{HalfWeights, Int4Weights, Int8Weights, OutPtr};
+use crate::formats::half_float::convert_to_f32;
 use super::KernelLevel;
 
 /// Batch size from which the blocked GEMM beats the fused GEMV.
@@ -73,6 +74,16 @@ impl Panel for Int4Weights<'_> {
             let gi = c / group;
             dst[c - k0] = (u as f32 - zeros[gi] as f32) * scales[gi];
         }
+    }
+}
+
+impl Panel for HalfWeights<'_> {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    #[inline(always)]
+    fn decode(&self, row: usize, k0: usize, k1: usize, dst: &mut [f32]) {
+        convert_to_f32(&self.w[row * self.k + k0..row * self.k + k1], &mut dst[..k1 - k0], self.kind);
     }
 }
 

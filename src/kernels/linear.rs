@@ -34,6 +34,8 @@ pub trait RowDecoder: Sync {
 pub enum Fused<'a> {
     Int8(&'a Int8Weights<'a>),
     Int4(&'a Int4Weights<'a>),
+    /// f16 / bf16: the blocked GEMM only (decode + dot is already bandwidth-bound at batch 1).
+    Half(&'a HalfWeights<'a>),
 }
 
 /// Plain f32 weights (the reference the quantized decoders are compared with).
@@ -80,6 +82,9 @@ impl RowDecoder for HalfWeights<'_> {
     }
     fn decode_row(&self, row: usize, out: &mut [f32]) {
         convert_to_f32(&self.w[row * self.k..(row + 1) * self.k], out, self.kind);
+    }
+    fn fused(&self) -> Option<Fused<'_>> {
+        Some(Fused::Half(self))
     }
 }
 
@@ -185,6 +190,11 @@ pub fn linear_act<D: RowDecoder>(
                 }
                 return Ok(());
             }
+            Some(Fused::Half(wh)) if m >= GEMM_MIN_M => {
+                let xf = x.to_f32(m, k, false);
+                gemm(level, &xf, m, wh, bias, out);
+                return Ok(());
+            }
             Some(Fused::Int4(w4)) => {
                 let xf = x.to_f32(m, k, true);
                 if m >= GEMM_MIN_M {
@@ -194,7 +204,7 @@ pub fn linear_act<D: RowDecoder>(
                 }
                 return Ok(());
             }
-            None => {}
+            Some(Fused::Half(_)) | None => {}
         }
     }
     let xf = x.to_f32(m, k, false);
