@@ -10,6 +10,7 @@ from diffulex_edge.eval import (
     compare_schemes,
     disk_size_bytes,
     measure_latency,
+    measure_speedup,
     parse_scheme,
 )
 from diffulex_edge.quant import INT8Quantizer, QuantizationConfig
@@ -99,3 +100,32 @@ def test_pareto_and_recommend_on_handmade_rows():
     assert rep.recommend(max_ppl_increase_pct=10).label == "b"  # +5% fits, d's +30% does not
     assert rep.recommend(max_size_bytes=30, max_ppl_increase_pct=10) is None
     assert "speed" not in rep.plots()
+
+
+def test_measure_speedup_pairs_rounds_on_a_fake_clock(monkeypatch):
+    import diffulex_edge.eval.latency as lat
+
+    clock = {"t": 0.0}
+    order = []
+
+    class Costs(torch.nn.Module):
+        def __init__(self, name, cost_s):
+            super().__init__()
+            self.name, self.cost = name, cost_s
+
+        def forward(self, x):
+            order.append(self.name)
+            clock["t"] += self.cost
+            return x
+
+    monkeypatch.setattr(lat.time, "perf_counter", lambda: clock["t"])
+    ref, fast = Costs("ref", 0.004), Costs("q", 0.001)
+    ref.train()
+    fast.eval()
+    speedup, ms_ref, ms_q = measure_speedup(ref, fast, torch.zeros(1), warmup=1, rounds=4)
+    assert speedup == pytest.approx(4.0) and ms_ref == pytest.approx(4.0) and ms_q == pytest.approx(1.0)
+    # warm-up, then rounds alternating which model goes first
+    assert order == ["ref", "q", "ref", "q", "q", "ref", "ref", "q", "q", "ref"]
+    assert ref.training and not fast.training  # training flags restored
+    with pytest.raises(ValueError, match="rounds"):
+        measure_speedup(ref, fast, torch.zeros(1), rounds=0)

@@ -2,7 +2,7 @@
 latency and memory, on-disk size, and `compare_schemes` for a size / accuracy / speed table."""
 
 from .compare import DEFAULT_SCHEMES, compare_schemes, parse_scheme
-from .latency import LatencyResult, disk_size_bytes, measure_latency
+from .latency import LatencyResult, disk_size_bytes, measure_latency, measure_speedup
 from .perplexity import PerplexityResult, logits_of, perplexity, tokenize
 from .report import BenchmarkReport, SchemeResult
 
@@ -16,6 +16,7 @@ __all__ = [
     "disk_size_bytes",
     "logits_of",
     "measure_latency",
+    "measure_speedup",
     "parse_scheme",
     "perplexity",
     "tokenize",

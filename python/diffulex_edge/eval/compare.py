@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..quant import QUANTIZERS, QuantizationConfig, model_size_bytes
-from .latency import measure_latency
+from .latency import measure_latency, measure_speedup
 from .perplexity import perplexity, tokenize
 from .report import BenchmarkReport, SchemeResult
 
@@ -83,7 +83,9 @@ def compare_schemes(
     """Quantize `model` with each scheme (the model itself is not modified) and measure them all
     against the unquantized model: size, bits/weight, compression, perplexity on `eval_text`
     (text, file path or token ids), KL divergence and top-1 agreement vs the original, and CPU
-    latency of ``model(latency_inputs)`` (default: one window of `seq_len` eval tokens).
+    latency of ``model(latency_inputs)`` (default: one window of `seq_len` eval tokens). Each
+    scheme is timed in alternation with the original model and its speedup is the median of the
+    per-round ratios, so load changes on a shared machine do not bias one scheme.
 
     `calibration` (token ids, text, or a list of model inputs) is needed by ``w8a8-static``.
     """
@@ -112,19 +114,23 @@ def compare_schemes(
             ppl = ref_ppl
             kl, top1 = 0.0, 1.0
             lat = ref_latency
+            speedup = 1.0 if ref_latency else None
         else:
             result = QUANTIZERS[cfg.dtype](show_progress=False).quantize(model, cfg, calibration_data=calib)
             q, n_layers, qtime = result.model, result.num_quantized_layers, result.conversion_time_s
             ppl = perplexity(q, ids, seq_len=seq_len, stride=stride, reference_model=model, show_progress=show_progress)
             kl, top1 = ppl.kl_divergence, ppl.top1_agreement
-            lat = measure_latency(q, latency_inputs, repetitions=latency_repetitions).median_ms if latency_repetitions > 0 else None
+            lat = speedup = None
+            if latency_repetitions > 0:
+                # timed in alternation with the original model: the ratio survives load changes
+                speedup, _, lat = measure_speedup(model, q, latency_inputs, rounds=latency_repetitions)
         size = model_size_bytes(q)
         rows.append(SchemeResult(
             label=label, config=None if cfg is None else cfg.to_dict(), size_bytes=size,
             bits_per_weight=8.0 * size / max(1, n_params), compression=base_size / size if size else 1.0,
             perplexity=ppl.perplexity, ppl_delta=ppl.perplexity - ref_ppl.perplexity, kl_divergence=float(kl),
             top1_agreement=float(top1), latency_ms=lat,
-            speedup=(ref_latency / lat) if (lat and ref_latency) else None,
+            speedup=speedup,
             num_quantized_layers=n_layers, quantize_time_s=qtime,
         ))
     from .. import __version__, kernel_info

@@ -123,6 +123,38 @@ def measure_latency(
     )
 
 
+def measure_speedup(
+    reference: nn.Module, model: nn.Module, inputs: Any, *, warmup: int = 1, rounds: int = 5
+) -> "tuple[float, float, float]":
+    """Speed of `model` relative to `reference` on the same inputs, robust to load changes on a
+    shared machine: each round times one call of each (alternating which goes first) and the
+    result is the median of the per-round ratios ``t_reference / t_model`` (> 1: `model` is
+    faster). Returns ``(speedup, median_ms_reference, median_ms_model)``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    states = (reference.training, model.training)
+    reference.eval()
+    model.eval()
+    t_ref: List[float] = []
+    t_mod: List[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(max(0, warmup)):
+                run_model(reference, inputs)
+                run_model(model, inputs)
+            for r in range(rounds):
+                pair = ((reference, t_ref), (model, t_mod)) if r % 2 == 0 else ((model, t_mod), (reference, t_ref))
+                for m, acc in pair:
+                    t0 = time.perf_counter()
+                    run_model(m, inputs)
+                    acc.append(1000.0 * (time.perf_counter() - t0))
+    finally:
+        reference.train(states[0])
+        model.train(states[1])
+    ratios = [a / b if b > 0 else float("inf") for a, b in zip(t_ref, t_mod)]
+    return statistics.median(ratios), statistics.median(t_ref), statistics.median(t_mod)
+
+
 def disk_size_bytes(model: nn.Module) -> int:
     """Bytes of ``save_quantized(model, '<tmp>.safetensors')``: what the model takes on disk."""
     from ..quant.serialization import save_quantized
