@@ -1,0 +1,24 @@
+"""Calibration: datasets, activation statistics, importance matrices, SmoothQuant, super weights.
+
+>>> from diffulex_edge.calib import CalibrationDataset, compute_imatrix
+>>> calib = CalibrationDataset("wiki.valid.txt", tokenizer, n_samples=128, seq_len=256)
+>>> im = compute_imatrix(model, calib)
+>>> im.save("imatrix.gguf")          # llama.cpp reads it; ImportanceMatrix.load reads llama.cpp's
+"""
+
+from .collect import ActivationStats, CollectedStats, collect_stats, linear_names
+from .dataset import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES, CalibrationDataset
+from .imatrix import ImportanceMatrix, compute_imatrix
+
+__all__ = [
+    "ActivationStats",
+    "CalibrationDataset",
+    "CollectedStats",
+    "DEFAULT_SAMPLES",
+    "ImportanceMatrix",
+    "MAX_SAMPLES",
+    "MIN_SAMPLES",
+    "collect_stats",
+    "compute_imatrix",
+    "linear_names",
+]
