@@ -97,7 +97,7 @@ class CalibrationDataset:
         self.seq_len, self.batch_size, self.show_progress = seq_len, batch_size, show_progress
         limit = n_samples if n_samples is not None else None
         if isinstance(data, (str, os.PathLike)) or (
-            isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data)
+            isinstance(data, (list, tuple)) and data and all(isinstance(t, (str, os.PathLike)) for t in data)
         ):
             self._batches = self._from_text(data, tokenizer, limit)
         elif isinstance(data, torch.Tensor):
