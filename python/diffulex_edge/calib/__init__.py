@@ -9,6 +9,8 @@
 from .collect import ActivationStats, CollectedStats, collect_stats, linear_names
 from .dataset import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES, CalibrationDataset
 from .imatrix import ImportanceMatrix, compute_imatrix
+from .observers import activation_scales, clip_value
+from .smoothquant import SmoothQuantConfig, SmoothQuantReport, SmoothedGroup, conv1d_to_linear, smooth_model, smoothquant_w8a8
 
 __all__ = [
     "ActivationStats",
@@ -16,6 +18,14 @@ __all__ = [
     "CollectedStats",
     "DEFAULT_SAMPLES",
     "ImportanceMatrix",
+    "SmoothQuantConfig",
+    "SmoothQuantReport",
+    "SmoothedGroup",
+    "activation_scales",
+    "clip_value",
+    "conv1d_to_linear",
+    "smooth_model",
+    "smoothquant_w8a8",
     "MAX_SAMPLES",
     "MIN_SAMPLES",
     "collect_stats",
