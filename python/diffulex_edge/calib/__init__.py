@@ -10,6 +10,7 @@ from .collect import ActivationStats, CollectedStats, collect_stats, linear_name
 from .dataset import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES, CalibrationDataset
 from .imatrix import ImportanceMatrix, compute_imatrix
 from .observers import activation_scales, clip_value
+from .super_weights import SuperWeight, SuperWeights, find_super_weights, outlier_weights, protect_table
 from .smoothquant import SmoothQuantConfig, SmoothQuantReport, SmoothedGroup, conv1d_to_linear, smooth_model, smoothquant_w8a8
 
 __all__ = [
@@ -21,6 +22,11 @@ __all__ = [
     "SmoothQuantConfig",
     "SmoothQuantReport",
     "SmoothedGroup",
+    "SuperWeight",
+    "SuperWeights",
+    "find_super_weights",
+    "outlier_weights",
+    "protect_table",
     "activation_scales",
     "clip_value",
     "conv1d_to_linear",
