@@ -127,7 +127,8 @@ fn clip_error(bins: &[(f32, u64)], c: f32, qmax: f32) -> f64 {
 /// the larger clip wins. `absmax` must be the largest magnitude seen.
 pub fn mse_clip(hist: &[u64], absmax: f32, qmax: f32, steps: usize) -> Result<f32> {
     total(hist)?;
-    if !(absmax.is_finite() && absmax >= 0.0) || !(qmax >= 1.0) || steps == 0 {
+    let valid = absmax.is_finite() && absmax >= 0.0 && qmax >= 1.0 && steps > 0;
+    if !valid {
         return Err(Error::InvalidArgument(format!(
             "mse_clip needs a finite absmax >= 0, qmax >= 1 and steps >= 1; got {absmax}, {qmax}, {steps}"
         )));
@@ -205,7 +206,7 @@ mod tests {
         h[bin(100.0)] += 1;
         x.push(100.0);
         let c = mse_clip(&h, 100.0, 127.0, 200).unwrap();
-        assert!(c < 100.0 && c >= 1.0, "{c}");
+        assert!((1.0..100.0).contains(&c), "{c}");
         // without an outlier the best clip keeps (nearly) the full range
         let h2 = hist_of(&x[..10_000]);
         let amax = x[..10_000].iter().fold(0f32, |a, v| a.max(v.abs()));

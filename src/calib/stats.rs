@@ -23,6 +23,9 @@ impl ColumnStatsMut<'_> {
     }
 }
 
+/// One block's reduction: first column, sums of squares, absmax, min, max.
+type BlockStats = (usize, Vec<f64>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Columns per task of the fast path: wide enough for full SIMD registers, narrow enough that the
 /// four accumulators of a block stay in L1 while the rows stream past.
 const BLOCK: usize = 64;
@@ -100,7 +103,7 @@ pub fn accumulate(x: &[f32], rows: usize, cols: usize, acc: &mut ColumnStatsMut<
         return Ok(());
     }
     let nblocks = cols.div_ceil(BLOCK);
-    let partial: Vec<(usize, Vec<f64>, Vec<f32>, Vec<f32>, Vec<f32>)> = (0..nblocks)
+    let partial: Vec<BlockStats> = (0..nblocks)
         .into_par_iter()
         .map(|b| {
             let c0 = b * BLOCK;

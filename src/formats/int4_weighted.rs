@@ -99,6 +99,9 @@ fn quantize_row(wr: &[f32], importance: &[f32], group: usize, symmetric: bool, p
     Ok(())
 }
 
+/// One row's work item: (row, ((packed out, weights), (scales out, zeros out))).
+type RowTask<'a> = (usize, ((&'a mut [u8], &'a [f32]), (&'a mut [f32], &'a mut [u8])));
+
 fn run(w: &[f32], layout: Int4Layout, symmetric: bool, importance: &[f32], parallel: bool) -> Result<Int4Matrix> {
     let Int4Layout { rows, cols, group } = layout;
     check_len("weight", w.len(), rows * cols)?;
@@ -112,7 +115,7 @@ fn run(w: &[f32], layout: Int4Layout, symmetric: bool, importance: &[f32], paral
     if rows == 0 || cols == 0 {
         return Ok(m);
     }
-    let task = |(r, ((pr, wr), (sr, zr))): (usize, ((&mut [u8], &[f32]), (&mut [f32], &mut [u8])))| {
+    let task = |(r, ((pr, wr), (sr, zr))): RowTask<'_>| {
         quantize_row(wr, importance, group, symmetric, pr, sr, zr).err().map(|gi| (r, gi))
     };
     let bad = if parallel {
