@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import WIKITEXT
+from calib_models import WIKITEXT
 from diffulex_edge.calib import CalibrationDataset
 from diffulex_edge.calib.dataset import as_calibration, run_batch
 from diffulex_edge.errors import ConfigError

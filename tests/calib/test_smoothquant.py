@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_hf_llama
+from calib_models import tiny_hf_llama
 from diffulex_edge.calib import SmoothQuantConfig, smooth_model, smoothquant_w8a8
 from diffulex_edge.errors import ConfigError, UnsupportedFormatError
 from diffulex_edge.quant import INT8Quantizer, QuantizationConfig, QuantizedLinear

@@ -11,7 +11,7 @@ The histograms and the searches run in Rust (``src/calib/histogram.rs``); the sc
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable
 
 from torch import nn
 
@@ -50,13 +50,3 @@ def activation_scales(
         out[n] = c / ACT_QMAX if c > 0 else 1.0
     return out
 
-
-def scales_from_stats(stats: Dict[str, ActivationStats], observer: str = "minmax", percentile: float = 99.99,
-                      divisor: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """Like `activation_scales`, from already collected statistics."""
-    out = {}
-    for n, st in stats.items():
-        if st.calls:
-            c = clip_value(st, observer, percentile) / (divisor or {}).get(n, 1.0)
-            out[n] = c / ACT_QMAX if c > 0 else 1.0
-    return out

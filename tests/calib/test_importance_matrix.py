@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Skewed, tiny_hf_llama
+from calib_models import Skewed, tiny_hf_llama
 from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, compute_imatrix
 from diffulex_edge.calib.sequential import STATE
 from diffulex_edge.errors import ConfigError, ShapeError
