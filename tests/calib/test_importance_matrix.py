@@ -151,8 +151,18 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
         compute_imatrix(model, other, checkpoint_dir=ckpt)
 
 
-def test_checkpointed_hf_llama_equals_plain_pass(tmp_path):
-    model = tiny_hf_llama(layers=2)
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_hf_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_checkpointed_hf_models_equal_plain_pass(tmp_path, build):
+    model = build()
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     calib = CalibrationDataset(ids, n_samples=None, batch_size=2, show_progress=False)
     plain = compute_imatrix(model, calib)
@@ -210,3 +220,74 @@ def test_imatrix_weighted_int4_beats_unweighted_on_skewed_activations(tmp_path):
         INT4Quantizer().quantize(model, cfg, imatrix={"fc1": im["fc1"]})
     with pytest.raises(ConfigError, match="ImportanceMatrix"):
         INT4Quantizer().quantize(model, cfg, imatrix=42)
+
+
+def test_checkpoint_with_dict_batches_and_a_corrupt_state(tmp_path):
+    model, calib = model_and_data(layers=2)
+    dicts = [{"input_ids": b} for b in calib]
+    plain = compute_imatrix(model, dicts)
+    ck = tmp_path / "ck"
+    seq = compute_imatrix(model, dicts, checkpoint_dir=ck)
+    assert all(np.array_equal(plain.entries[n].sum_sq, seq.entries[n].sum_sq) for n in plain)
+    (ck / STATE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="unreadable"):
+        compute_imatrix(model, dicts, checkpoint_dir=ck)
+
+
+def test_gguf_imatrix_file_errors_and_experts(tmp_path):
+    from diffulex_edge.errors import CorruptFileError
+    from diffulex_edge.gguf import GGUFWriter, load_imatrix
+
+    def write(tensors):
+        p = tmp_path / "x.gguf"
+        w = GGUFWriter(p)
+        w.add("general.type", "imatrix")
+        for k, v in tensors.items():
+            w.add_tensor(k, v, "F32")
+        w.write()
+        return p
+
+    s2 = np.arange(1, 9, dtype=np.float32).reshape(2, 4)  # two experts
+    p = write({"blk.0.ffn_down_exps.weight.in_sum2": s2, "blk.0.ffn_down_exps.weight.counts": np.array([[2.0], [4.0]], np.float32)})
+    np.testing.assert_allclose(load_imatrix(p)["blk.0.ffn_down_exps.weight"], (s2[0] / 2 + s2[1] / 4) / 2)
+    with pytest.raises(CorruptFileError, match="no matching"):
+        load_imatrix(write({"a.in_sum2": s2}))
+    with pytest.raises(CorruptFileError, match="matrices"):
+        load_imatrix(write({"a.in_sum2": s2, "a.counts": np.ones((3, 1), np.float32)}))
+
+
+class _Blk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.gain = 0.5
+
+    def forward(self, hidden_states):
+        return (torch.tanh(self.fc(hidden_states)),)
+
+
+class _KwargBlocks(nn.Module):
+    """Blocks called with hidden_states= and returning tuples; the parent reads a block attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.layers = nn.ModuleList([_Blk() for _ in range(3)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.layers:
+            h = b(hidden_states=h)[0] * (1 + b.gain)
+        return self.head(h)
+
+
+def test_checkpoint_handles_keyword_hidden_states_tuples_and_block_attributes(tmp_path):
+    torch.manual_seed(0)
+    model = _KwargBlocks().eval()
+    data = [torch.randn(5, 8) for _ in range(3)]
+    plain = compute_imatrix(model, data)
+    seq = compute_imatrix(model, data, checkpoint_dir=tmp_path / "k")
+    assert set(seq) == {"inp", "layers.0.fc", "layers.1.fc", "layers.2.fc", "head"}
+    for n in plain:
+        np.testing.assert_array_equal(plain.entries[n].sum_sq, seq.entries[n].sum_sq, err_msg=n)
