@@ -269,16 +269,20 @@ class _Blk(nn.Module):
 class _KwargBlocks(nn.Module):
     """Blocks called with hidden_states= and returning tuples; the parent reads a block attribute."""
 
-    def __init__(self):
+    def __init__(self, between=False):
         super().__init__()
         self.inp = nn.Linear(8, 16)
         self.layers = nn.ModuleList([_Blk() for _ in range(3)])
         self.head = nn.Linear(16, 4)
+        self.between = between
 
     def forward(self, x):
         h = self.inp(x)
         for b in self.layers:
-            h = b(hidden_states=h)[0] * (1 + b.gain)
+            if b.gain > 0:
+                h = b(hidden_states=h)[0]
+            if self.between:  # work between blocks that a block-by-block replay would miss
+                h = h * 2
         return self.head(h)
 
 
@@ -291,3 +295,5 @@ def test_checkpoint_handles_keyword_hidden_states_tuples_and_block_attributes(tm
     assert set(seq) == {"inp", "layers.0.fc", "layers.1.fc", "layers.2.fc", "head"}
     for n in plain:
         np.testing.assert_array_equal(plain.entries[n].sum_sq, seq.entries[n].sum_sq, err_msg=n)
+    with pytest.raises(ConfigError, match="between its blocks"):
+        compute_imatrix(_KwargBlocks(between=True).eval(), data, checkpoint_dir=tmp_path / "b")

@@ -114,14 +114,24 @@ def _load(path: str) -> Any:
         raise ConfigError(f"{path}: unreadable calibration checkpoint ({e}); delete the directory to start over") from e
 
 
-def _capture_inputs(model: nn.Module, block: nn.Module, calib: CalibrationDataset) -> List[Tuple[tuple, dict]]:
+def _capture_inputs(model: nn.Module, blocks: nn.ModuleList, calib: CalibrationDataset) -> Tuple[List[Tuple[tuple, dict]], Optional[torch.Tensor]]:
+    """Block 0's (args, kwargs) for every batch, and block 1's input hidden state for the first
+    batch (to check that the model feeds each block's output straight to the next one)."""
     captured: List[Tuple[tuple, dict]] = []
+    second: List[torch.Tensor] = []
 
-    def hook(_m, args, kwargs):
+    def first_hook(_m, args, kwargs):
         captured.append((tuple(args), dict(kwargs)))
+        if len(blocks) == 1 or second:
+            raise _Stop
+
+    def second_hook(_m, args, kwargs):
+        second.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[0].register_forward_pre_hook(first_hook, with_kwargs=True)]
+    if len(blocks) > 1:
+        handles.append(blocks[1].register_forward_pre_hook(second_hook, with_kwargs=True))
     try:
         for batch in calib.progress("calibrate: block inputs"):
             try:
@@ -129,10 +139,11 @@ def _capture_inputs(model: nn.Module, block: nn.Module, calib: CalibrationDatase
             except _Stop:
                 continue
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if len(captured) != len(calib):
         raise ConfigError(f"the decoder blocks ran on {len(captured)} of {len(calib)} batches; cannot calibrate layer by layer")
-    return captured
+    return captured, (second[0] if second else None)
 
 
 def run_sequential(
@@ -180,7 +191,14 @@ def run_sequential(
                         raise ConfigError(f"{inputs_path} belongs to another run; delete {checkpoint_dir}")
                     inputs = saved["inputs"]
                 else:
-                    inputs = _capture_inputs(model, blocks[0], calib)
+                    inputs, check = _capture_inputs(model, blocks, calib)
+                    if check is not None:
+                        args, kwargs = inputs[0]
+                        if not torch.equal(_hidden(blocks[0](*args, **kwargs)), check):
+                            raise ConfigError(
+                                f"{blocks_name or 'the model'} changes the hidden state between its blocks, so blocks "
+                                "cannot be replayed one at a time; pass checkpoint_dir=None"
+                            )
                     _save(inputs_path, {"format": FORMAT, "fingerprint": fp, "inputs": inputs})
             it = range(next_block, len(blocks))
             if show_progress is not False and len(it) > 1:
