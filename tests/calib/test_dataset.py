@@ -93,3 +93,13 @@ def test_run_batch_forms():
     run_batch(m, (torch.ones(1), 2))
     run_batch(m, {"a": 1, "b": 3})
     assert [s[1] for s in seen] == [None, 2, 3]
+
+
+def test_calibration_names_are_reexported_from_quant():
+    import diffulex_edge.calib as calib
+    import diffulex_edge.quant as quant
+
+    for name in quant._CALIB:
+        assert getattr(quant, name) is getattr(calib, name)
+    with pytest.raises(AttributeError):
+        quant.no_such_name
