@@ -11,6 +11,8 @@ import os
 import tempfile
 import time
 
+import torch
+
 from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, SmoothQuantConfig, compute_imatrix, smoothquant_w8a8
 from diffulex_edge.eval import perplexity
 from diffulex_edge.hf import load_model
@@ -27,7 +29,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: the tiny model gains nothing from more, and OpenMP spinning "
+                         "collapses on a busy machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model)
     calib = CalibrationDataset(os.path.join(args.data, "valid.txt"), tok, n_samples=args.samples, seq_len=args.seq_len,
