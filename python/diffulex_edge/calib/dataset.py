@@ -41,7 +41,7 @@ def _encode(tokenizer: Any, text: str) -> List[int]:
     enc = getattr(enc, "ids", enc)
     if isinstance(enc, dict) or hasattr(enc, "keys"):
         enc = enc["input_ids"]
-    return [int(i) for i in enc]
+    return list(enc)
 
 
 def _rows_of(batch: Any) -> int:

@@ -62,6 +62,13 @@ def _ratio(v: np.ndarray, i: int) -> float:
     return float(v[i]) / med if med > 0 else float("inf")
 
 
+def _spikes(v: np.ndarray, threshold: float) -> np.ndarray:
+    """Channels whose absmax is at least `threshold` times the median channel's, largest first."""
+    med = float(np.median(v))
+    idx = np.nonzero(v >= threshold * med)[0] if med > 0 else np.nonzero(v > 0)[0]
+    return idx[np.argsort(-v[idx], kind="stable")]
+
+
 def find_super_weights(
     model: nn.Module,
     calibration: Any,
@@ -93,16 +100,14 @@ def find_super_weights(
         si, so = stats.inputs[n], stats.outputs[n]
         if si.calls == 0:
             continue
-        w = model.get_submodule(n).weight.detach().to("cpu", torch.float32)
-        out_spikes = [int(r) for r in np.argsort(-so.absmax) if _ratio(so.absmax, int(r)) >= threshold]
-        if not out_spikes:
+        out_spikes = _spikes(so.absmax, threshold)
+        in_spikes = _spikes(si.absmax, threshold)[:max_per_layer]
+        if out_spikes.size == 0 or in_spikes.size == 0:
             continue
-        for col in np.argsort(-si.absmax)[:max_per_layer]:
-            col = int(col)
-            if _ratio(si.absmax, col) < threshold:
-                break
+        w = model.get_submodule(n).weight.detach().to("cpu", torch.float32)
+        for col in in_spikes.tolist():
             # of the spiking output channels, the one this input channel drives hardest
-            row = max(out_spikes, key=lambda r: abs(float(w[r, col])))
+            row = int(out_spikes[int(torch.argmax(w[torch.from_numpy(out_spikes), col].abs()))])
             found.append(SuperWeight(n, row, col, float(w[row, col]), float(si.absmax[col]), float(so.absmax[row]),
                                      _ratio(si.absmax, col), _ratio(so.absmax, row)))
     return found
