@@ -1,9 +1,12 @@
 """Calibration on the tiny WikiText-2 Llama: imatrix-weighted INT4, SmoothQuant W8A8 and the
 static INT8 observers, scored by perplexity on the WikiText-2 test split.
 
-    PYTHONPATH=python python examples/calibrate_tiny_llama.py [--samples 128] [--max-tokens 65536]
+    PYTHONPATH=python python examples/calibrate_tiny_llama.py [--samples 128] [--max-tokens 65536] [--plant-outliers 30]
 
 Calibration text is the validation split (never the test split the perplexity is measured on).
+``--plant-outliers F`` first multiplies 4 channels of every norm by F and divides the matching
+weight columns of the layers reading it by F: the float model computes the same function, but its
+activations now have the channel outliers real LLMs have (what SmoothQuant is for).
 """
 
 import argparse
@@ -22,6 +25,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "wikitext-2")
 
 
+def plant_outliers(model, factor: float, n: int = 4, seed: int = 0) -> None:
+    """Function-preserving activation outliers: norm channels x factor, consumer columns / factor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, lins in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                               (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                idx = torch.randperm(norm.weight.numel(), generator=g)[:n]
+                norm.weight[idx] *= factor
+                for lin in lins:
+                    lin.weight[:, idx] /= factor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(HERE, "tiny-llama-wikitext"))
@@ -29,6 +45,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--plant-outliers", type=float, default=None, metavar="F",
+                    help="give 4 channels per norm F times larger activations (the float function is unchanged)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: the tiny model gains nothing from more, and OpenMP spinning "
                          "collapses on a busy machine)")
@@ -36,6 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model)
+    if args.plant_outliers:
+        plant_outliers(model, args.plant_outliers)
     calib = CalibrationDataset(os.path.join(args.data, "valid.txt"), tok, n_samples=args.samples, seq_len=args.seq_len,
                                batch_size=8, show_progress=False)
     test = os.path.join(args.data, "test.txt")
