@@ -7,7 +7,8 @@
 //! candidates are the round-to-nearest parameters of the range shrunk by `r = 1, 0.975, ..., 0.5`
 //! (clipping, as AWQ's clip search does), each followed by a weighted least-squares refit of the
 //! scale for its codes (`s* = Σ a w q / Σ a q²`, q = u - zp, as ggml's `make_qx_quants` refits).
-//! `r = 1` without refit is exactly `int4::quantize`, and it is tried first and kept on ties, so
+//! Asymmetric groups also try the weighted affine refit of scale and offset (the offset rounded to
+//! a zero point). `r = 1` without refit is exactly `int4::quantize`, and it is tried first and kept on ties, so
 //! the weighted error is never above round-to-nearest's.
 
 use rayon::prelude::*;
@@ -45,6 +46,31 @@ fn refit(vals: &[f32], imp: &[f32], s: f32, zp: f32) -> Option<f32> {
     (den > 0.0 && s2.is_finite() && s2 > 0.0).then_some(s2)
 }
 
+/// Asymmetric only: the weighted least-squares affine fit `w ≈ s·u + b` for the codes `u` of
+/// (s, zp) (ggml's `make_qkx2_quants` refits scale and min the same way), with the offset rounded
+/// back to a zero point `zp = round(-b / s)` in 0..=15.
+fn affine_refit(vals: &[f32], imp: &[f32], s: f32, zp: f32) -> Option<(f32, u8)> {
+    let (mut sa, mut su, mut sw, mut suu, mut suw) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (v, a) in vals.iter().zip(imp) {
+        let (a, u, w) = (*a as f64, code(*v, s, zp) as f64, *v as f64);
+        sa += a;
+        su += a * u;
+        sw += a * w;
+        suu += a * u * u;
+        suw += a * u * w;
+    }
+    let det = sa * suu - su * su;
+    if !(det > 0.0) {
+        return None;
+    }
+    let s2 = ((sa * suw - su * sw) / det) as f32;
+    let b = ((suu * sw - su * suw) / det) as f32;
+    if !(s2.is_finite() && s2 > 0.0 && b.is_finite()) {
+        return None;
+    }
+    Some((s2, (-b / s2).round_ties_even().clamp(0.0, 15.0) as u8))
+}
+
 /// Best (scale, zero point) of one group under importances `imp`.
 fn search_group(vals: &[f32], imp: &[f32], symmetric: bool) -> Option<(f32, u8)> {
     let lo = vals.iter().cloned().fold(f32::INFINITY, f32::min);
@@ -59,12 +85,18 @@ fn search_group(vals: &[f32], imp: &[f32], symmetric: bool) -> Option<(f32, u8)>
         let r = 1.0 - SHRINK_STEP * t as f32;
         let Some((s, zp)) = group_params(lo * r, hi * r, absmax * r, symmetric) else { continue };
         let zf = zp as f32;
-        let mut cands = [Some(s), refit(vals, imp, s, zf)];
+        let mut cands = [Some((s, zp)), refit(vals, imp, s, zf).map(|s| (s, zp)), None, None];
         if t == 0 {
             cands[0] = None; // r = 1 without refit is the round-to-nearest start
         }
-        for s in cands.into_iter().flatten() {
-            let e = weighted_error(vals, imp, s, zf);
+        if !symmetric {
+            if let Some((s2, z2)) = affine_refit(vals, imp, s, zf) {
+                cands[2] = Some((s2, z2));
+                cands[3] = refit(vals, imp, s2, z2 as f32).map(|s3| (s3, z2));
+            }
+        }
+        for (s, zp) in cands.into_iter().flatten() {
+            let e = weighted_error(vals, imp, s, zp as f32);
             if e < best.0 {
                 best = (e, (s, zp));
             }
