@@ -116,6 +116,13 @@ def test_hf_llama_uses_llama_cpp_names_and_export_accepts_it(tmp_path):
 
     rep = export_gguf(model, tmp_path / "m.gguf", quant="Q4_K_M", imatrix=im)
     assert rep.tensors
+    # a plain {llama.cpp name: importances} dict (gguf.load_imatrix) works for INT4 too
+    from diffulex_edge.gguf import load_imatrix
+
+    cfg = QuantizationConfig(dtype="int4", group_size=32)
+    via_dict = INT4Quantizer().quantize(model, cfg, imatrix=load_imatrix(path)).model
+    via_im = INT4Quantizer().quantize(model, cfg, imatrix=ImportanceMatrix.load(path, model)).model
+    assert torch.equal(via_dict.model.layers[1].mlp.down_proj.qweight, via_im.model.layers[1].mlp.down_proj.qweight)
 
 
 def test_interrupted_run_resumes_to_identical_results(tmp_path):

@@ -123,8 +123,18 @@ class ImportanceMatrix(Mapping[str, np.ndarray]):
 
 def resolve_imatrix(imatrix: Any, model: Optional[nn.Module] = None) -> Optional[Mapping[str, np.ndarray]]:
     """An imatrix argument as a mapping: an ImportanceMatrix or mapping as is, a path loaded."""
-    if imatrix is None or isinstance(imatrix, Mapping):
+    if imatrix is None or isinstance(imatrix, ImportanceMatrix):
         return imatrix
+    if isinstance(imatrix, Mapping):
+        if model is None:
+            return imatrix
+        # a plain mapping may use llama.cpp tensor names or parameter names: key it by module name
+        out = dict(imatrix)
+        for n in linear_names(model):
+            for alias in (file_name(n, model), n + ".weight"):
+                if n not in out and alias in imatrix:
+                    out[n] = imatrix[alias]
+        return out
     if isinstance(imatrix, (str, os.PathLike)):
         return ImportanceMatrix.load(imatrix, model)
     raise ConfigError(f"imatrix must be an ImportanceMatrix, a mapping or a file path, got {type(imatrix).__name__}")
