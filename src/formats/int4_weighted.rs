@@ -60,7 +60,7 @@ fn affine_refit(vals: &[f32], imp: &[f32], s: f32, zp: f32) -> Option<(f32, u8)>
         suw += a * u * w;
     }
     let det = sa * suu - su * su;
-    if !(det > 0.0) {
+    if det.is_nan() || det <= 0.0 {
         return None;
     }
     let s2 = ((sa * suw - su * sw) / det) as f32;
