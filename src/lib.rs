@@ -4,6 +4,7 @@
 //! bindings (`diffulex_edge._native`), the `tch` feature adds `tch::Tensor` adapters.
 
 pub mod error;
+pub mod calib;
 pub mod formats;
 pub mod gguf;
 pub mod kernels;

@@ -13,6 +13,7 @@ EPILOG = """examples:
   diffulex-quant eval /tmp/tiny-int4 --text ../shared/data/wikitext-2/test.txt --reference examples/tiny-llama-wikitext
   diffulex-quant compare examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/test.txt --html report.html
   diffulex-quant info /tmp/tiny-int4
+  diffulex-quant imatrix examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/valid.txt -o imatrix.gguf
 """
 
 
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep matching layers in float (name, prefix, glob, or re:REGEX); repeatable")
     q.add_argument("--calibration", metavar="TEXT_FILE", help="text for --mode static calibration")
     q.add_argument("--config", metavar="YAML", help="a QuantizationConfig YAML file; command-line flags you pass override it")
+    q.add_argument("--imatrix", metavar="FILE", help="INT4: importance matrix (llama.cpp GGUF or .dat) for a weighted scale search")
 
     e = sub.add_parser("eval", help="perplexity (and agreement with a reference) on a text",
                        description="Measure perplexity of MODEL_DIR (float or quantized) on a text file; with "
@@ -74,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
                        "written by save_quantized, or a float model folder.",
                        epilog="example:\n  diffulex-quant info OUT", formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", metavar="PATH")
+
+    m = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp GGUF or legacy .dat)",
+                       description="Run calibration text through MODEL_DIR and write the mean of x^2 per input column of "
+                       "every Linear layer, in llama.cpp's imatrix format (a .dat suffix writes the legacy format).",
+                       epilog="example:\n  diffulex-quant imatrix MODEL_DIR --text valid.txt -o imatrix.gguf",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("model_dir", metavar="MODEL_DIR")
+    m.add_argument("--text", required=True, metavar="FILE", help="calibration text file (UTF-8)")
+    m.add_argument("-o", "--output", required=True, metavar="OUT", help="imatrix file to write (.gguf or .dat)")
+    m.add_argument("--samples", type=int, default=128, help="calibration sequences, 128..1024 (default 128)")
+    m.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    m.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    m.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after each block; rerun to resume")
     return p
 
 
@@ -102,7 +117,8 @@ def _cmd_quantize(a) -> int:
         from .eval.compare import _calibration_batches
 
         calib = _calibration_batches(a.calibration, tok, 256)
-    result = QUANTIZERS[cfg.dtype]().quantize(model, cfg, inplace=True, calibration_data=calib)
+    _need_file(a.imatrix, "imatrix file")
+    result = QUANTIZERS[cfg.dtype]().quantize(model, cfg, inplace=True, calibration_data=calib, imatrix=a.imatrix)
     print(result.summary(max_layers=8))
     hf.save_quantized_pretrained(result.model, a.output, a.model_dir, info=result.to_dict())
     print(f"wrote {a.output}")
@@ -179,6 +195,21 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _cmd_imatrix(a) -> int:
+    from . import hf
+    from .calib import CalibrationDataset, compute_imatrix
+
+    _need_file(a.text, "text file")
+    model, tok = hf.load_model(a.model_dir)
+    if tok is None:
+        raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
+    calib = CalibrationDataset(a.text, tok, n_samples=a.samples, seq_len=a.seq_len, batch_size=a.batch_size)
+    im = compute_imatrix(model, calib, checkpoint_dir=a.checkpoint_dir, dataset_name=os.path.basename(a.text))
+    im.save(a.output)
+    print(f"wrote {a.output}: {len(im)} layers, {calib.n_samples} x {a.seq_len} tokens")
+    return 0
+
+
 def _read_saved(path: str):
     from .errors import CorruptFileError
 
@@ -202,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import QuantizationError
 
-    handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info}
+    handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info, "imatrix": _cmd_imatrix}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, QuantizationError, ValueError) as e:

@@ -10,6 +10,7 @@ pub mod half_float;
 pub mod iq;
 pub mod k_quants;
 pub mod int4;
+pub mod int4_weighted;
 pub mod int8;
 
 use crate::error::{Error, Result};

@@ -3,6 +3,7 @@
 //! Arrays cross as numpy arrays (C-contiguous; the Python layer guarantees it). Outputs of the
 //! matmul kernels are written into caller-provided arrays so no copy is made on the way back.
 
+mod calib;
 mod errors;
 mod gguf;
 
@@ -261,5 +262,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_act_int8, m)?)?;
     m.add_function(wrap_pyfunction!(linear_w8a8, m)?)?;
     gguf::register(m)?;
+    calib::register(m)?;
     Ok(())
 }

@@ -22,7 +22,7 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("quantize", "eval", "compare", "info", "examples:"):
         assert cmd in out
-    for sub in ("quantize", "eval", "compare", "info"):
+    for sub in ("quantize", "eval", "compare", "info", "imatrix"):
         with pytest.raises(SystemExit):
             cli.main([sub, "--help"])
         assert "example" in capsys.readouterr().out

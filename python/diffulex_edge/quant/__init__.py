@@ -31,6 +31,19 @@ from .result import LayerRecord, QuantizationResult
 from .serialization import load_quantized, save_quantized
 from .walk import model_size_bytes
 
+#: Calibration names re-exported lazily from :mod:`diffulex_edge.calib` (which imports this package).
+_CALIB = ("CalibrationDataset", "ImportanceMatrix", "SmoothQuantConfig", "compute_imatrix", "find_super_weights",
+          "smoothquant_w8a8")
+
+
+def __getattr__(name: str):
+    if name in _CALIB:
+        from .. import calib
+
+        return getattr(calib, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BF16Quantizer",
     "BaseQuantizer",

@@ -15,6 +15,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 MODES = ("weight_only", "dynamic", "static")
 ON_INDIVISIBLE = ("error", "skip", "pad")
 KERNELS = ("auto", "scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni")
+#: Activation-range observers of mode="static" (see diffulex_edge.calib).
+OBSERVERS = ("minmax", "percentile", "mse")
 
 
 class QuantizationDtype(str, enum.Enum):
@@ -83,6 +85,14 @@ class QuantizationConfig:
             (AVX2 + VEX VNNI for W8A8), ``"avx512_vnni"`` (AVX-512 + VNNI for W8A8).
         enabled: ``False`` switches quantization off while keeping the settings. Defaults to on
             when a dtype is given.
+        observer: how ``mode="static"`` turns calibration activations into the fixed activation
+            scale: ``"minmax"`` (largest |x|), ``"percentile"`` (the ``percentile``-th percentile
+            of |x|) or ``"mse"`` (the clip minimising the squared quantization error over the
+            |x| histogram).
+        percentile: for ``observer="percentile"``, in (0, 100]; default 99.99.
+        imatrix: path of an importance-matrix file (llama.cpp GGUF or legacy .dat) for INT4: each
+            group's scale and zero point minimise the importance-weighted error. Quantizers also
+            take ``imatrix=`` (an :class:`~diffulex_edge.calib.ImportanceMatrix`) directly.
     """
 
     dtype: Optional[Union[QuantizationDtype, str]] = None
@@ -94,6 +104,9 @@ class QuantizationConfig:
     skip_tied: bool = True
     kernel: str = "auto"
     enabled: Optional[bool] = None
+    observer: str = "minmax"
+    percentile: float = 99.99
+    imatrix: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -123,6 +136,20 @@ class QuantizationConfig:
             raise ConfigError(f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}")
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise ConfigError(f"enabled must be true or false, got {self.enabled!r}")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}; supported: {', '.join(OBSERVERS)}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 0 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be a number in (0, 100], got {self.percentile!r}")
+        self.percentile = float(self.percentile)
+        if self.imatrix is not None:
+            if not isinstance(self.imatrix, (str, os.PathLike)):
+                raise ConfigError(
+                    f"imatrix in a config must be a file path, got {type(self.imatrix).__name__}; "
+                    "pass an ImportanceMatrix object as quantize(..., imatrix=...) instead"
+                )
+            self.imatrix = os.fspath(self.imatrix)
+            if self.dtype is not None and self.dtype != QuantizationDtype.INT4:
+                raise ConfigError(f"imatrix weights the INT4 scale search; dtype {self.dtype} does not use it")
         if self.mode != "weight_only" and self.dtype is not None and self.dtype != QuantizationDtype.INT8:
             raise ConfigError(
                 f"mode={self.mode!r} quantizes activations to int8 and needs dtype int8, got {self.dtype}; "

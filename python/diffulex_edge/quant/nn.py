@@ -37,6 +37,10 @@ class QuantizedLinear(nn.Module):
         int4: ``qweight`` uint8 ``[out, ceil(in/2)]`` (two nibbles per byte, low nibble = even
         column), ``scales`` float32 ``[out, groups]``, ``zeros`` uint8 ``[out, groups]``.
         ``bias`` (if any) keeps the original layer's dtype.
+        Protected weights (``n_protect > 0``, e.g. super weights): ``protect_index`` int64
+        ``[2, n]`` (rows, columns) and ``protect_values`` float16 ``[n]``, a sparse side table
+        that overrides the quantized values at dequantization (and in the native forward pass,
+        as a correction added to the kernel's output).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class QuantizedLinear(nn.Module):
         kernel: str = "auto",
         bias_dtype: torch.dtype = torch.float32,
         device: Optional[Union[str, torch.device]] = None,
+        n_protect: int = 0,
     ) -> None:
         super().__init__()
         self.in_features = int(in_features)
@@ -87,6 +92,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, **kw))
         else:
             self.register_buffer("bias", None)
+        self.n_protect = int(n_protect)
+        if self.n_protect:
+            self.register_buffer("protect_index", torch.zeros(2, self.n_protect, dtype=torch.int64, **kw))
+            self.register_buffer("protect_values", torch.zeros(self.n_protect, dtype=torch.float16, **kw))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -101,9 +110,18 @@ class QuantizedLinear(nn.Module):
         act_scale: Optional[float] = None,
         kernel: str = "auto",
         name: Optional[str] = None,
+        importance: Optional[Any] = None,
+        protect: Optional[Any] = None,
     ) -> "QuantizedLinear":
         """Quantize an ``nn.Linear`` (the original is not modified). Buffers end up on the
-        layer's device; the quantization itself runs in Rust on CPU."""
+        layer's device; the quantization itself runs in Rust on CPU.
+
+        importance: INT4 only: per-input-column importances (an imatrix row); each group's scale
+            and zero point then minimise the importance-weighted squared error.
+        protect: ``(row, col)`` pairs (a list or an int tensor ``[n, 2]``) kept in float16 in a
+            sparse side table; they are held out (set to 0) while the rest is quantized, so an
+            outlier such as a super weight does not stretch its row's or group's scale.
+        """
         if not isinstance(linear, nn.Linear):
             raise UnsupportedFormatError(
                 f"expected nn.Linear, got {type(linear).__name__}", layer=name
@@ -115,12 +133,22 @@ class QuantizedLinear(nn.Module):
                 layer=name,
             )
         has_bias = linear.bias is not None
+        pidx = _protect_index(protect, linear.out_features, linear.in_features, name)
         q = cls(
             linear.in_features, linear.out_features, has_bias, dtype=dtype, group_size=group_size,
             symmetric=symmetric, act_mode=act_mode, kernel=kernel,
             bias_dtype=linear.bias.dtype if has_bias else torch.float32, device="meta",
+            n_protect=0 if pidx is None else pidx.shape[1],
         )
+        if importance is not None and q.qdtype != QuantizationDtype.INT4:
+            raise ConfigError(f"importance weights the INT4 scale search; dtype {q.qdtype} does not use it", layer=name)
         dev = w.device
+        extra: Dict[str, torch.Tensor] = {}
+        if pidx is not None:
+            wf = w.detach().to(device="cpu", dtype=torch.float32)
+            extra = {"protect_index": pidx, "protect_values": wf[pidx[0], pidx[1]].to(torch.float16)}
+            w = wf.clone()
+            w[pidx[0], pidx[1]] = 0.0
         if q.qdtype.is_float:
             buffers = {"weight": _ops.quantize_half(w, q.qdtype == QuantizationDtype.BF16, name)}
         elif q.qdtype == QuantizationDtype.INT8:
@@ -133,9 +161,13 @@ class QuantizedLinear(nn.Module):
                         layer=name,
                     )
                 buffers["act_scale"] = torch.tensor(float(act_scale), dtype=torch.float32)
+        elif importance is not None:
+            p, s, z = _ops.quantize_int4_weighted(w, q.group_size, q.symmetric, importance, name)
+            buffers = {"qweight": p, "scales": s, "zeros": z}
         else:
             p, s, z = _ops.quantize_int4(w, q.group_size, q.symmetric, kernel, name)
             buffers = {"qweight": p, "scales": s, "zeros": z}
+        buffers.update(extra)
         if has_bias:
             buffers["bias"] = linear.bias.detach().clone()
         for key, value in buffers.items():
@@ -144,7 +176,30 @@ class QuantizedLinear(nn.Module):
 
     # ---- views --------------------------------------------------------------------------
     def dequantize_weight(self) -> torch.Tensor:
-        """The weight as float32 ``[out, in]`` on the layer's device."""
+        """The weight as float32 ``[out, in]`` on the layer's device (protected weights included)."""
+        w = self._dequantize_stored()
+        if self.n_protect:
+            w = w.index_put((self.protect_index[0], self.protect_index[1]), self.protect_values.to(torch.float32))
+        return w
+
+    def _quantized_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Dequantized stored values at the given positions (torch ops, O(n))."""
+        if self.qdtype.is_float:
+            return self.weight[rows, cols].to(torch.float32)
+        if self.qdtype == QuantizationDtype.INT8:
+            return (self.qweight[rows, cols].to(torch.float32) - self.zero_points[rows].to(torch.float32)) * self.scales[rows]
+        byte = self.qweight[rows, cols // 2]
+        nib = torch.where(cols % 2 == 0, byte & 0x0F, byte >> 4).to(torch.float32)
+        g = cols // self.group_size
+        return (nib - self.zeros[rows, g].to(torch.float32)) * self.scales[rows, g]
+
+    def _protect_correction(self, x2: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[:, r] += x[:, c] * (value - quantized)`` for each protected (r, c)."""
+        rows, cols = self.protect_index[0], self.protect_index[1]
+        delta = self.protect_values.to(torch.float32) - self._quantized_at(rows, cols)
+        out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
+
+    def _dequantize_stored(self) -> torch.Tensor:
         if self.qdtype.is_float:
             return self.weight.to(torch.float32)
         # the native decoders need real CPU tensors: not FakeTensors (export/compile) or FX proxies
@@ -183,6 +238,7 @@ class QuantizedLinear(nn.Module):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "act_mode": self.act_mode,
+            "n_protect": self.n_protect,
             "bias_dtype": str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32",
         }
 
@@ -244,6 +300,8 @@ class QuantizedLinear(nn.Module):
             xsc = torch.empty(m, dtype=torch.float32)
             static = float(self.act_scale) if self.act_mode == "static" else None
             _native.quantize_act_int8(xs, xq.numpy(), xsc.numpy(), static, self.kernel)
+            if self.n_protect:  # the correction sees the same (quantized) activations as the kernel
+                x2 = xq.to(torch.float32) * xsc[:, None]
             _native.linear_w8a8(
                 xq.numpy(), xsc.numpy(), self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy(),
                 o, bias, self.kernel,
@@ -257,6 +315,8 @@ class QuantizedLinear(nn.Module):
                 xs, self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size,
                 self.in_features, o, bias, self.kernel,
             )
+        if self.n_protect:
+            self._protect_correction(x2, out)
         out = out.reshape(*lead, n)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -273,4 +333,23 @@ class QuantizedLinear(nn.Module):
             parts.append(f"symmetric={self.symmetric}")
         if self.act_mode != "weight_only":
             parts.append(f"act_mode={self.act_mode}")
+        if self.n_protect:
+            parts.append(f"protected={self.n_protect}")
         return ", ".join(parts)
+
+
+def _protect_index(protect: Any, out_features: int, in_features: int, name: Optional[str]) -> Optional[torch.Tensor]:
+    """``(row, col)`` pairs -> a deduplicated, sorted int64 ``[2, n]`` tensor (None when empty)."""
+    if protect is None:
+        return None
+    idx = torch.as_tensor(protect, dtype=torch.int64).reshape(-1, 2) if len(protect) else torch.zeros(0, 2, dtype=torch.int64)
+    if idx.numel() == 0:
+        return None
+    bad = (idx[:, 0] < 0) | (idx[:, 0] >= out_features) | (idx[:, 1] < 0) | (idx[:, 1] >= in_features)
+    if bool(bad.any()):
+        r, c = (int(v) for v in idx[bad][0])
+        raise ShapeError(
+            f"protected weight ({r}, {c}) is outside the [{out_features}, {in_features}] weight; "
+            "pass (row, column) pairs of this layer", layer=name,
+        )
+    return torch.unique(idx, dim=0).t().contiguous()

@@ -9,10 +9,9 @@ from torch import nn
 
 from .. import _native
 from ..errors import ConfigError
-from ._ops import ACT_QMAX
 from .config import QuantizationConfig, QuantizationDtype
 from .result import QuantizationResult
-from .walk import collect_input_absmax, plan_layers, quantize_model
+from .walk import plan_layers, quantize_model
 
 ConfigLike = Union[QuantizationConfig, Mapping[str, Any], None]
 
@@ -60,9 +59,21 @@ class BaseQuantizer:
         *,
         inplace: bool = False,
         calibration_data: Optional[Iterable[Any]] = None,
+        imatrix: Any = None,
+        protect: Any = None,
     ) -> QuantizationResult:
         """Quantize `model` and return a :class:`QuantizationResult` (``result.model`` is the
-        quantized model). The input model is left unmodified unless ``inplace=True``."""
+        quantized model). The input model is left unmodified unless ``inplace=True``.
+
+        Args:
+            calibration_data: model inputs (a ``CalibrationDataset`` or any iterable); required by
+                ``mode="static"``, whose activation scales come from ``config.observer``.
+            imatrix: INT4: an ``ImportanceMatrix``, a ``{layer: importances}`` mapping or an imatrix
+                file path (overrides ``config.imatrix``); each group's scale then minimises the
+                importance-weighted error.
+            protect: weights kept in float16 in a sparse side table: a ``SuperWeights`` result of
+                ``find_super_weights`` or a ``{layer: [(row, col), ...]}`` mapping.
+        """
         cfg = self.resolve_config(config)
         act_scales: Optional[Dict[str, float]] = None
         if cfg.is_enabled and cfg.mode == "static":
@@ -71,10 +82,26 @@ class BaseQuantizer:
                     "mode='static' fixes activation scales from calibration: pass calibration_data "
                     "(an iterable of model inputs), or use mode='dynamic'"
                 )
+            from ..calib.observers import activation_scales
+
             names = [n for n, _ in plan_layers(model, cfg).layers]
-            absmax = collect_input_absmax(model, names, calibration_data, self.show_progress)
-            act_scales = {n: (a / ACT_QMAX if a > 0 and a != float("inf") else 1.0) for n, a in absmax.items()}
-        return quantize_model(model, cfg, inplace=inplace, act_scales=act_scales, show_progress=self.show_progress)
+            act_scales = activation_scales(model, names, calibration_data, cfg.observer, cfg.percentile)
+        importance = None
+        if cfg.is_enabled and (imatrix is not None or cfg.imatrix is not None):
+            if cfg.dtype != QuantizationDtype.INT4:
+                raise ConfigError(f"imatrix weights the INT4 scale search; dtype {cfg.dtype} does not use it")
+            from ..calib.imatrix import resolve_imatrix
+
+            importance = resolve_imatrix(imatrix if imatrix is not None else cfg.imatrix, model)
+        table = None
+        if protect is not None:
+            table = protect.as_protect() if hasattr(protect, "as_protect") else protect
+            if not isinstance(table, Mapping):
+                raise ConfigError(
+                    f"protect must map layer names to (row, col) pairs or be a find_super_weights result, got {type(protect).__name__}"
+                )
+        return quantize_model(model, cfg, inplace=inplace, act_scales=act_scales, importance=importance, protect=table,
+                              show_progress=self.show_progress)
 
 
 class FP16Quantizer(BaseQuantizer):

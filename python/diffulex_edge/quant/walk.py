@@ -10,7 +10,7 @@ import re
 import time
 import warnings as _warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -158,6 +158,12 @@ def layer_format(cfg: QuantizationConfig) -> str:
     return f"{base} {sym}"
 
 
+def _lookup(table: Optional[Mapping[str, Any]], name: str) -> Any:
+    if table is None or name not in table:
+        return None
+    return table[name]
+
+
 def _progress(items: List, desc: str, show: Optional[bool]):
     if show is False or (show is None and len(items) < 2):
         return items
@@ -173,6 +179,8 @@ def quantize_model(
     *,
     inplace: bool = False,
     act_scales: Optional[Dict[str, float]] = None,
+    importance: Optional[Mapping[str, Any]] = None,
+    protect: Optional[Mapping[str, Any]] = None,
     show_progress: Optional[bool] = None,
 ) -> QuantizationResult:
     """Quantize every eligible Linear layer of `model` as `cfg` says.
@@ -196,12 +204,19 @@ def quantize_model(
                 " — pass calibration_data so the layers see inputs during calibration"
             )
     fmt = layer_format(cfg)
+    if importance is not None and cfg.dtype == QuantizationDtype.INT4:
+        missing = [n for n, _ in plan.layers if n not in importance]
+        if missing:
+            _warnings.warn(f"the importance matrix has no entry for {len(missing)} layer(s), e.g. {missing[:3]}; "
+                           "they are quantized round-to-nearest")
     new_modules: Dict[str, QuantizedLinear] = {}
     records: List[LayerRecord] = []
     for name, lin in _progress(plan.layers, f"quantize {fmt}", show_progress):
         q = QuantizedLinear.from_linear(
             lin, cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric,
             act_mode=cfg.mode, act_scale=(act_scales or {}).get(name), kernel=cfg.kernel, name=name,
+            importance=_lookup(importance, name) if cfg.dtype == QuantizationDtype.INT4 else None,
+            protect=_lookup(protect, name),
         )
         w = lin.weight.detach().to(torch.float32)
         err = (q.dequantize_weight().to(w.device) - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny)
@@ -244,40 +259,3 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
-
-
-def collect_input_absmax(
-    model: nn.Module, names: Iterable[str], data: Iterable[Any], show_progress: Optional[bool] = None
-) -> Dict[str, float]:
-    """Max |x| seen at the input of each named Linear over the calibration data (min-max observer)."""
-    names = list(names)
-    stats: Dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(n: str) -> Callable:
-        def hook(_mod, args):
-            x = args[0].detach()
-            m = x.abs().amax().to(torch.float32).cpu()
-            stats[n] = torch.maximum(stats[n], m) if n in stats else m
-
-        return hook
-
-    for n in names:
-        handles.append(model.get_submodule(n).register_forward_pre_hook(hook_for(n)))
-    was_training = model.training
-    model.eval()
-    try:
-        items = data if isinstance(data, list) else list(data)
-        if not items:
-            raise QuantizationError("calibration_data is empty; pass at least one batch")
-        with torch.no_grad():
-            for batch in _progress(items, "calibrate", show_progress):
-                run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    unseen = [n for n in names if n not in stats]
-    if unseen:
-        _warnings.warn(f"{len(unseen)} layer(s) saw no input during calibration, e.g. {unseen[:3]}")
-    return {n: float(v) for n, v in stats.items()}

@@ -1,0 +1,183 @@
+"""Importance matrices: per Linear input column, the mean of x^2 over calibration tokens.
+
+The same quantity llama.cpp's ``llama-imatrix`` computes, saved in both of its file formats so
+files move between this project and llama.cpp in either direction. For Hugging Face
+Llama/Mistral/Qwen2 models the file uses llama.cpp's tensor names (``blk.0.attn_q.weight``, via
+``export.gguf_export.gguf_tensor_name``); for other models, module names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+
+import numpy as np
+from torch import nn
+
+from ..errors import ConfigError
+from ..gguf.imatrix import ImatrixEntry, ImatrixFile, read_imatrix, write_imatrix
+from .collect import collect_stats, linear_names
+from .dataset import as_calibration
+
+PathLike = Union[str, os.PathLike]
+
+
+def _is_llama_family(model: Optional[nn.Module]) -> bool:
+    from ..export.gguf_export import ARCHITECTURES
+
+    if model is None or getattr(model, "config", None) is None:
+        return False
+    archs = [type(model).__name__] + list(getattr(model.config, "architectures", None) or [])
+    return any(a in ARCHITECTURES for a in archs)
+
+
+def file_name(module_name: str, model: Optional[nn.Module]) -> str:
+    """The name a layer's entry gets in an imatrix file."""
+    if _is_llama_family(model):
+        from ..export.gguf_export import gguf_tensor_name
+
+        g = gguf_tensor_name(module_name + ".weight")
+        if g is not None:
+            return g
+    return module_name
+
+
+class ImportanceMatrix(Mapping[str, np.ndarray]):
+    """Per-layer importances, a read-only mapping ``{module name: float32 [in_features]}``.
+
+    Entries keep the raw sums and counts (``entries``), so matrices merge and round-trip exactly.
+    Lookups also accept the llama.cpp tensor name of a layer (``blk.0.ffn_down.weight``) and the
+    ``.weight`` parameter name. ``export_gguf(model, ..., imatrix=im)`` and
+    ``INT4Quantizer().quantize(model, imatrix=im)`` take it directly.
+    """
+
+    def __init__(self, entries: Mapping[str, ImatrixEntry], *, chunk_count: int = 0, chunk_size: int = 0,
+                 datasets: Iterable[str] = (), file_names: Optional[Mapping[str, str]] = None) -> None:
+        self.entries: Dict[str, ImatrixEntry] = dict(entries)
+        self.chunk_count, self.chunk_size, self.datasets = int(chunk_count), int(chunk_size), list(datasets)
+        self.file_names: Dict[str, str] = dict(file_names or {n: n for n in self.entries})
+        self._alias = {f: n for n, f in self.file_names.items()}
+        for n in self.entries:
+            self._alias.setdefault(n + ".weight", n)
+
+    # -- mapping ---------------------------------------------------------------------------------
+    def _key(self, name: str) -> Optional[str]:
+        if name in self.entries:
+            return name
+        return self._alias.get(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        k = self._key(name)
+        if k is None:
+            raise KeyError(name)
+        e = self.entries[k]
+        return (e.sum_sq / (e.count if e.count > 0 else 1.0)).astype(np.float32)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._key(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"ImportanceMatrix({len(self)} layers, {self.chunk_count} chunks)"
+
+    # -- files -----------------------------------------------------------------------------------
+    def to_file(self) -> ImatrixFile:
+        return ImatrixFile({self.file_names.get(n, n): e for n, e in self.entries.items()},
+                           self.chunk_count, self.chunk_size, self.datasets)
+
+    def save(self, path: PathLike, format: str = "auto") -> None:
+        """Write a llama.cpp imatrix file: ``format="gguf"``, ``"dat"`` (legacy), or ``"auto"``
+        (``.dat`` suffix -> legacy, anything else GGUF). The write is atomic."""
+        fmt = format
+        if fmt == "auto":
+            fmt = "dat" if os.fspath(path).endswith(".dat") else "gguf"
+        if fmt not in ("gguf", "dat"):
+            raise ConfigError(f"unknown imatrix format {format!r}; supported: 'auto', 'gguf', 'dat'")
+        write_imatrix(path, self.to_file(), fmt)
+
+    @classmethod
+    def load(cls, path: PathLike, model: Optional[nn.Module] = None) -> "ImportanceMatrix":
+        """Read a llama.cpp imatrix file (GGUF or legacy .dat). With `model`, entries are keyed by
+        its module names (llama.cpp tensor names are mapped back); otherwise by the file's names."""
+        f = read_imatrix(path)
+        names: Dict[str, str] = {}
+        if model is not None:
+            names = {file_name(n, model): n for n in linear_names(model)}
+        entries = {names.get(k, k): e for k, e in f.entries.items()}
+        fnames = {names.get(k, k): k for k in f.entries}
+        return cls(entries, chunk_count=f.chunk_count, chunk_size=f.chunk_size, datasets=f.datasets, file_names=fnames)
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any], model: Optional[nn.Module], *, chunk_size: int = 0,
+                   datasets: Iterable[str] = ()) -> "ImportanceMatrix":
+        entries = {n: ImatrixEntry(s.sum_sq.copy(), float(s.tokens), int(s.calls)) for n, s in stats.items() if s.tokens > 0}
+        calls = max((e.calls for e in entries.values()), default=0)
+        return cls(entries, chunk_count=calls, chunk_size=chunk_size, datasets=datasets,
+                   file_names={n: file_name(n, model) for n in entries})
+
+
+def resolve_imatrix(imatrix: Any, model: Optional[nn.Module] = None) -> Optional[Mapping[str, np.ndarray]]:
+    """An imatrix argument as a mapping: an ImportanceMatrix or mapping as is, a path loaded."""
+    if imatrix is None or isinstance(imatrix, ImportanceMatrix):
+        return imatrix
+    if isinstance(imatrix, Mapping):
+        if model is None:
+            return imatrix
+        # a plain mapping may use llama.cpp tensor names or parameter names: key it by module name
+        out = dict(imatrix)
+        for n in linear_names(model):
+            for alias in (file_name(n, model), n + ".weight"):
+                if n not in out and alias in imatrix:
+                    out[n] = imatrix[alias]
+        return out
+    if isinstance(imatrix, (str, os.PathLike)):
+        return ImportanceMatrix.load(imatrix, model)
+    raise ConfigError(f"imatrix must be an ImportanceMatrix, a mapping or a file path, got {type(imatrix).__name__}")
+
+
+def compute_imatrix(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    layers: Optional[List[str]] = None,
+    checkpoint_dir: Optional[PathLike] = None,
+    dataset_name: str = "",
+    show_progress: Optional[bool] = None,
+) -> ImportanceMatrix:
+    """Mean of x^2 per input column of every Linear layer (or of `layers`) over `calibration`.
+
+    Args:
+        calibration: a :class:`CalibrationDataset` or an iterable of model inputs.
+        checkpoint_dir: run block by block and checkpoint after each decoder block; a run that was
+            interrupted resumes from the last completed block with identical results.
+        dataset_name: recorded in the file (``imatrix.datasets``).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    calib = as_calibration(calibration, show_progress)
+    names = linear_names(model) if layers is None else list(layers)
+    if not names:
+        raise ConfigError("the model has no nn.Linear layers to compute an importance matrix for")
+    for n in names:
+        try:
+            m = model.get_submodule(n)
+        except AttributeError as e:
+            raise ConfigError(f"no module named {n!r} in the model", layer=n) from e
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"expected an nn.Linear, got {type(m).__name__}", layer=n)
+    if checkpoint_dir is not None:
+        from .sequential import run_sequential
+
+        stats = run_sequential(model, calib, names, os.fspath(checkpoint_dir), extra="imatrix", show_progress=show_progress)
+    else:
+        stats = collect_stats(model, calib, names, desc="imatrix")
+    seq = 0
+    first = calib[0]
+    if hasattr(first, "shape") and len(first.shape) == 2:
+        seq = int(first.shape[1])
+    return ImportanceMatrix.from_stats(stats.inputs, model, chunk_size=seq, datasets=[dataset_name] if dataset_name else [])
