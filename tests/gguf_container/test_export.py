@@ -167,6 +167,27 @@ def test_tokenizer_metadata(tmp_path):
     assert md["tokenizer.ggml.merges"] == ["a b"]
     assert md["tokenizer.ggml.bos_token_id"] == 0 and md["tokenizer.ggml.eos_token_id"] == 1
     assert md["tokenizer.ggml.token_type"][0] == 3 and md["tokenizer.ggml.token_type"][2] == 1
+    # llama.cpp splits text with the GPT-2 regex only under "gpt-2" ("default" uses other regexes)
+    assert md["tokenizer.ggml.pre"] == "gpt-2"
+    # this tokenizer adds no BOS/EOS; llama.cpp must be told so
+    assert md["tokenizer.ggml.add_bos_token"] is False and md["tokenizer.ggml.add_eos_token"] is False
+
+
+def test_bpe_pre_tokenizer_names():
+    from diffulex_edge.export.gguf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, bpe_pre_tokenizer
+
+    bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert bpe_pre_tokenizer({"pre_tokenizer": bl}) == "gpt-2"
+    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [bl]}}) == "gpt-2"
+    for rx, name in ((_LLAMA3_SPLIT, "llama-bpe"), (_QWEN2_SPLIT, "qwen2")):
+        seq = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated", "invert": False},
+            dict(bl, use_regex=False)]}
+        assert bpe_pre_tokenizer({"pre_tokenizer": seq}) == name
+    for bad in (None, {"type": "Whitespace"}, dict(bl, add_prefix_space=True),
+                {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x+"}}, dict(bl, use_regex=False)]}):
+        with pytest.raises(UnsupportedFormatError):
+            bpe_pre_tokenizer({"pre_tokenizer": bad})
 
 
 def test_bad_arguments(tmp_path):
