@@ -110,7 +110,7 @@ impl GgmlType {
     /// Bytes of a row of `cols` weights; an error when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Result<usize> {
         let b = self.block_size();
-        if cols % b != 0 {
+        if !cols.is_multiple_of(b) {
             return Err(Error::Shape(format!(
                 "{}: row length {cols} is not a multiple of the block size {b}",
                 self.name()
@@ -348,7 +348,7 @@ pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
 }
 
 fn check_dequantize_args<F: BlockFormat>(b: &[u8], n: usize) -> Result<()> {
-    if n % F::BLOCK != 0 {
+    if !n.is_multiple_of(F::BLOCK) {
         return Err(Error::Shape(format!("{}: {n} weights are not a whole number of {}-weight blocks", F::TYPE.name(), F::BLOCK)));
     }
     check_len(&format!("{} data (bytes)", F::TYPE.name()), b.len(), n / F::BLOCK * F::BYTES)

@@ -157,7 +157,7 @@ mod imp {
         let kind = kind_of(K);
         let bytes = kind.block_bytes();
         let nb = x.len() / 32;
-        assert!(x.len() % 32 == 0 && out.len() >= nb * bytes);
+        assert!(x.len().is_multiple_of(32) && out.len() >= nb * bytes);
         let abs = _mm512_set1_epi32(ABS);
         let mut ok = true;
         for b in 0..nb {
@@ -288,7 +288,7 @@ mod imp {
         let kind = kind_of(K);
         let bytes = kind.block_bytes();
         let nb = x.len() / 32;
-        assert!(x.len() % 32 == 0 && out.len() >= nb * bytes);
+        assert!(x.len().is_multiple_of(32) && out.len() >= nb * bytes);
         let abs = _mm256_set1_epi32(ABS);
         // dword order after the in-lane packs: [0, 4, 1, 5, 2, 6, 3, 7] restores element order
         let fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);

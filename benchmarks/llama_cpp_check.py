@@ -1,0 +1,180 @@
+"""Check that llama.cpp loads and runs diffulex-edge's GGUF exports, and compare perplexities.
+
+    LLAMA_CPP_BIN_DIR=/path/to/llama.cpp/build/bin PYTHONPATH=python \
+        python benchmarks/llama_cpp_check.py [--model examples/tiny-llama-wikitext] \
+        [--text /work/shared/data/wikitext-2/test.txt] [--ctx 128] [--mixes F16,Q8_0,Q4_K_M,...]
+
+Needs a llama.cpp build with the `llama-perplexity`, `llama-quantize`, `llama-tokenize` and
+`llama-simple` targets (see docs/gguf.md). For the HF model and tokenizer in `--model` it
+
+1. compares llama.cpp's tokenization of the text (llama-tokenize on our F16 export) with the HF
+   tokenizer's, token for token;
+2. exports each mix with `export_gguf`, runs `llama-perplexity -c CTX` on it, and evaluates the
+   same file's dequantized weights in PyTorch (`GGUFFile` -> HF model) with llama.cpp's protocol
+   (`eval.llama_cpp_perplexity`): the two must agree up to llama.cpp's f16 KV cache and float
+   reassociation;
+3. evaluates the original float32 HF model with the same protocol and with `eval.perplexity`;
+4. quantizes our F16 export with llama.cpp's own `llama-quantize` (Q4_K_M) for a like-for-like
+   comparison with our Q4_K_M export;
+5. generates a few tokens with `llama-simple` from the F16 and Q4_K_M files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from diffulex_edge.eval import llama_cpp_perplexity, perplexity
+from diffulex_edge.export import export_gguf
+from diffulex_edge.export.gguf_export import gguf_tensor_name
+from diffulex_edge.gguf import GGUFFile
+
+PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+def run(cmd, **kw) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+def tool(bin_dir: str, name: str) -> str:
+    path = os.path.join(bin_dir, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: build llama.cpp with the {name} target")
+    return path
+
+
+def llama_perplexity(bin_dir, gguf, text, ctx, threads) -> tuple:
+    out = run([tool(bin_dir, "llama-perplexity"), "-m", gguf, "-f", text, "-c", str(ctx), "-b", str(ctx),
+               "-t", str(threads), "--no-warmup"])
+    m = PPL_RE.search(out)
+    if not m:
+        raise RuntimeError(f"no final PPL in llama-perplexity output:\n{out[-3000:]}")
+    return float(m.group(1)), float(m.group(2))
+
+
+def llama_tokenize(bin_dir, gguf, text_path) -> list:
+    out = run([tool(bin_dir, "llama-tokenize"), "-m", gguf, "-f", text_path, "--ids", "--log-disable"])
+    line = out.strip().splitlines()[-1]
+    return [int(v) for v in line.strip("[] \n").split(",") if v.strip()]
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `export.gguf_export.permute_qk` (GGUF interleaved pairs -> HF halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def model_from_gguf(model, path):
+    """A copy of the HF `model` with every exported weight replaced by the GGUF file's dequantized one."""
+    f = GGUFFile.read(path)
+    m = copy.deepcopy(model)
+    cfg = m.config
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    sd = m.state_dict()
+    tied = "output.weight" not in f.tensors
+    with torch.no_grad():
+        for hf_name, t in sd.items():
+            g = gguf_tensor_name(hf_name)
+            if g is None or (g == "output.weight" and tied):
+                if hf_name == "lm_head.weight" and tied:
+                    t.copy_(torch.from_numpy(f.tensor("token_embd.weight").reshape(t.shape)))
+                continue
+            a = f.tensor(g).reshape(t.shape)
+            if g.endswith("attn_q.weight"):
+                a = unpermute_qk(a, n_head)
+            elif g.endswith("attn_k.weight"):
+                a = unpermute_qk(a, n_kv)
+            t.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+    return m.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin-dir", default=os.environ.get("LLAMA_CPP_BIN_DIR"))
+    ap.add_argument("--model", default="examples/tiny-llama-wikitext")
+    ap.add_argument("--text", default="/work/shared/data/wikitext-2/test.txt")
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--mixes", default="F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,IQ4_XS,Q3_K_M,Q2_K,TQ2_0")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=" The game")
+    args = ap.parse_args()
+    if not args.bin_dir:
+        raise SystemExit("pass --bin-dir or set LLAMA_CPP_BIN_DIR to llama.cpp's build/bin")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="llama_cpp_check_")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.text, encoding="utf-8") as fh:
+        text = fh.read()
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    adds_bos = bool(len(ids)) and tok.bos_token_id is not None and int(ids[0]) == tok.bos_token_id
+    bos = tok.bos_token_id if adds_bos else None
+    print(f"model {args.model}; text {args.text}: {len(ids)} HF tokens; ctx {args.ctx}; add_bos {adds_bos}; out {out_dir}")
+
+    # 1. tokenization
+    f16 = os.path.join(out_dir, "ours-F16.gguf")
+    export_gguf(model, f16, quant="F16", tokenizer=tok)
+    lids = llama_tokenize(args.bin_dir, f16, args.text)
+    same = lids == ids.tolist()
+    first_diff = next((i for i, (a, b) in enumerate(zip(lids, ids.tolist())) if a != b), min(len(lids), len(ids)))
+    print(f"tokenization: llama.cpp {len(lids)} tokens, HF {len(ids)}; identical: {same}"
+          + ("" if same else f" (first difference at token {first_diff})"))
+
+    # 3. the float model
+    t0 = time.perf_counter()
+    ref = llama_cpp_perplexity(model, ids, n_ctx=args.ctx, bos_id=bos)
+    ours_default = perplexity(model, ids, seq_len=args.ctx, show_progress=False)
+    print(f"HF float32: llama.cpp protocol PPL {ref.perplexity:.4f} ({ref.n_tokens} tokens, {ref.n_windows} chunks); "
+          f"eval.perplexity(seq_len={args.ctx}) PPL {ours_default.perplexity:.4f} ({time.perf_counter() - t0:.1f} s)")
+
+    # 2. + 4. mixes
+    rows = []
+    mixes = [m.strip().upper() for m in args.mixes.split(",") if m.strip()]
+    files = []
+    for mix in mixes:
+        path = f16 if mix == "F16" else os.path.join(out_dir, f"ours-{mix}.gguf")
+        rep = export_gguf(model, path, quant=mix, tokenizer=tok)
+        types = ", ".join(f"{k}x{v}" for k, v in sorted(rep.type_counts().items()))
+        files.append((f"ours {mix}", path, f"{rep.bits_per_weight:.2f}", types))
+    lq = os.path.join(out_dir, "llama-quantize-Q4_K_M.gguf")
+    run([tool(args.bin_dir, "llama-quantize"), f16, lq, "Q4_K_M", str(args.threads)])
+    files.append(("llama-quantize Q4_K_M (from ours F16)", lq, "-", "-"))
+    for label, path, bpw, types in files:
+        ppl, err = llama_perplexity(args.bin_dir, path, args.text, args.ctx, args.threads)
+        torch_ppl = llama_cpp_perplexity(model_from_gguf(model, path), ids, n_ctx=args.ctx, bos_id=bos).perplexity
+        rows.append((label, bpw, types, ppl, err, torch_ppl))
+        print(f"{label:<40} bpw {bpw:>5}  llama.cpp PPL {ppl:.4f} +/- {err:.4f}  torch on the same weights {torch_ppl:.4f}"
+              f"  ({100 * (ppl / torch_ppl - 1):+.2f}%)  [{types}]", flush=True)
+
+    print("\n| file | bits/weight | tensor types | llama-perplexity PPL | PyTorch on the file's weights | diff |")
+    print("|---|---|---|---|---|---|")
+    print(f"| HF float32 (no file) | 32 | - | - | {ref.perplexity:.4f} | - |")
+    for label, bpw, types, ppl, err, tp in rows:
+        print(f"| {label} | {bpw} | {types} | {ppl:.4f} ± {err:.4f} | {tp:.4f} | {100 * (ppl / tp - 1):+.2f}% |")
+
+    # 5. generation
+    for label, path in (("F16", f16), ("Q4_K_M", os.path.join(out_dir, "ours-Q4_K_M.gguf"))):
+        if os.path.exists(path):
+            out = run([tool(args.bin_dir, "llama-simple"), "-m", path, "-n", "24", args.prompt])
+            gen = [ln for ln in out.splitlines() if args.prompt.strip() in ln]
+            print(f"llama-simple {label}: {gen[-1] if gen else out[-300:]!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
