@@ -30,13 +30,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from diffulex_edge.eval import llama_cpp_perplexity, perplexity
-from diffulex_edge.export import export_gguf
-from diffulex_edge.export.gguf_export import gguf_tensor_name
-from diffulex_edge.gguf import GGUFFile
+from diffulex_edge.export import export_gguf, load_gguf_weights
 
 PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
@@ -70,33 +67,9 @@ def llama_tokenize(bin_dir, gguf, text_path) -> list:
     return [int(v) for v in line.strip("[] \n").split(",") if v.strip()]
 
 
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of `export.gguf_export.permute_qk` (GGUF interleaved pairs -> HF halves)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def model_from_gguf(model, path):
-    """A copy of the HF `model` with every exported weight replaced by the GGUF file's dequantized one."""
-    f = GGUFFile.read(path)
-    m = copy.deepcopy(model)
-    cfg = m.config
-    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    sd = m.state_dict()
-    tied = "output.weight" not in f.tensors
-    with torch.no_grad():
-        for hf_name, t in sd.items():
-            g = gguf_tensor_name(hf_name)
-            if g is None or (g == "output.weight" and tied):
-                if hf_name == "lm_head.weight" and tied:
-                    t.copy_(torch.from_numpy(f.tensor("token_embd.weight").reshape(t.shape)))
-                continue
-            a = f.tensor(g).reshape(t.shape)
-            if g.endswith("attn_q.weight"):
-                a = unpermute_qk(a, n_head)
-            elif g.endswith("attn_k.weight"):
-                a = unpermute_qk(a, n_kv)
-            t.copy_(torch.from_numpy(np.ascontiguousarray(a)))
-    return m.eval()
+    """A copy of the HF `model` with the GGUF file's (dequantized) weights."""
+    return load_gguf_weights(copy.deepcopy(model), path).eval()
 
 
 def main() -> None:

@@ -198,3 +198,28 @@ def test_bad_arguments(tmp_path):
         export_gguf(model, tmp_path / "x.gguf", overrides={"attn": "Q9"})
     with pytest.raises(UnsupportedFormatError):
         export_gguf(torch.nn.Linear(2, 2), tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_gguf_weights_inverts_export(tmp_path, tie):
+    from diffulex_edge.export import load_gguf_weights
+
+    model = tiny_llama(tie=tie)  # 4 query heads, 2 KV heads: both permutations differ
+    p = tmp_path / "m.gguf"
+    export_gguf(model, p, quant="F32")
+    other = tiny_llama(tie=tie)
+    with torch.no_grad():
+        for t in other.parameters():
+            t.normal_()
+    load_gguf_weights(other, p)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.arange(20).unsqueeze(0)
+    assert torch.equal(model(ids).logits, other(ids).logits)
+    # quantized: the loaded weights are the file's dequantized values
+    export_gguf(model, p, quant="Q8_0")
+    load_gguf_weights(other, p)
+    w = other.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(w, GGUFFile.read(p).tensor("blk.1.ffn_down.weight"))
+    with pytest.raises(UnsupportedFormatError):
+        load_gguf_weights(torch.nn.Linear(2, 2), p)
