@@ -49,7 +49,8 @@ mod imp {
     use std::arch::x86_64::*;
 
     use super::LegacyKind;
-    use crate::formats::ggml_block::{f16_bits, BlockFormat};
+    use crate::formats::ggml_block::{f32_to_f16, BlockFormat};
+    use crate::formats::ggml_search::signed_absmax;
     use crate::formats::gguf_legacy as legacy;
 
     const TRUNC: i32 = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
@@ -98,18 +99,18 @@ mod imp {
         Some((d, id, off))
     }
 
+    /// Write the block header: f16 bits of d (and of the min), and the 5th bits `qh`.
     #[inline(always)]
-    fn write_header(kind: LegacyKind, out: *mut u8, d: f32, m: f32, qh: u32) {
+    fn write_header(kind: LegacyKind, out: *mut u8, dh: u16, mh: u16, qh: u32) {
         // SAFETY (all writes): the caller passes a pointer to a whole block of `kind`.
         unsafe {
-            let db = f16_bits(d);
-            out.copy_from_nonoverlapping(db.as_ptr(), 2);
+            out.copy_from_nonoverlapping(dh.to_le_bytes().as_ptr(), 2);
             match kind {
                 LegacyKind::Q4_0 | LegacyKind::Q8_0 => {}
-                LegacyKind::Q4_1 => out.add(2).copy_from_nonoverlapping(f16_bits(m).as_ptr(), 2),
+                LegacyKind::Q4_1 => out.add(2).copy_from_nonoverlapping(mh.to_le_bytes().as_ptr(), 2),
                 LegacyKind::Q5_0 => out.add(2).copy_from_nonoverlapping(qh.to_le_bytes().as_ptr(), 4),
                 LegacyKind::Q5_1 => {
-                    out.add(2).copy_from_nonoverlapping(f16_bits(m).as_ptr(), 2);
+                    out.add(2).copy_from_nonoverlapping(mh.to_le_bytes().as_ptr(), 2);
                     out.add(4).copy_from_nonoverlapping(qh.to_le_bytes().as_ptr(), 4);
                 }
             }
@@ -154,95 +155,211 @@ mod imp {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     unsafe fn row512<const K: u8>(x: &[f32], out: &mut [u8]) -> bool {
-        let kind = kind_of(K);
-        let bytes = kind.block_bytes();
+        let bytes = kind_of(K).block_bytes();
         let nb = x.len() / 32;
         assert!(x.len().is_multiple_of(32) && out.len() >= nb * bytes);
-        let abs = _mm512_set1_epi32(ABS);
         let mut ok = true;
-        for b in 0..nb {
-            let xb = &x[b * 32..b * 32 + 32];
-            let ob = out.as_mut_ptr().add(b * bytes);
-            let p = xb.as_ptr();
-            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-            let a0 = _mm512_and_si512(_mm512_castps_si512(v0), abs);
-            let a1 = _mm512_and_si512(_mm512_castps_si512(v1), abs);
-            let amax_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(a0, a1));
-            if amax_bits >= INF_BITS {
-                ok = false;
-                continue;
-            }
-            let amax = f32::from_bits(amax_bits);
-            let (mut signed_max, mut lo, mut hi) = (0.0, 0.0, 0.0);
-            match kind {
-                LegacyKind::Q4_0 | LegacyKind::Q5_0 => {
-                    // the first element of largest magnitude, with its sign (numpy's argmax)
-                    let am = _mm512_set1_epi32(amax_bits as i32);
-                    let m = _mm512_cmpeq_epi32_mask(a0, am) as u32 | ((_mm512_cmpeq_epi32_mask(a1, am) as u32) << 16);
-                    signed_max = xb[m.trailing_zeros() as usize];
-                }
-                LegacyKind::Q4_1 | LegacyKind::Q5_1 => {
-                    lo = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));
-                    hi = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
-                }
-                LegacyKind::Q8_0 => {}
-            }
-            let Some((d, id, off)) = params(kind, signed_max, amax, lo, hi) else {
-                scalar_block(kind, xb, std::slice::from_raw_parts_mut(ob, bytes));
-                continue;
-            };
-            let idv = _mm512_set1_ps(id);
-            let qs = ob.add(qs_offset(kind));
-            match kind {
-                LegacyKind::Q8_0 => {
-                    let (one, half, mhalf) = (_mm512_set1_epi32(1), _mm512_set1_ps(0.5), _mm512_set1_ps(-0.5));
-                    let code = |v: __m512| {
-                        let s = _mm512_mul_ps(v, idv);
-                        let t = _mm512_roundscale_ps::<TRUNC>(s);
-                        let f = _mm512_sub_ps(s, t);
-                        let q = _mm512_cvttps_epi32(t);
-                        let q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, half), q, one);
-                        _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, mhalf), q, one)
-                    };
-                    _mm_storeu_si128(qs.cast(), _mm512_cvtsepi32_epi8(code(v0)));
-                    _mm_storeu_si128(qs.add(16).cast(), _mm512_cvtsepi32_epi8(code(v1)));
-                    write_header(kind, ob, d, 0.0, 0);
-                }
-                _ => {
-                    let (sym, qmax) = match kind {
-                        LegacyKind::Q4_0 => (true, 15),
-                        LegacyKind::Q5_0 => (true, 31),
-                        LegacyKind::Q4_1 => (false, 15),
-                        _ => (false, 31),
-                    };
-                    // symmetric: trunc(v * id + (half + 0.5)); affine: trunc((v - min) * id + 0.5)
-                    let add = _mm512_set1_ps(match kind {
-                        LegacyKind::Q4_0 => 8.5,
-                        LegacyKind::Q5_0 => 16.5,
-                        _ => 0.5,
-                    });
-                    let offv = _mm512_set1_ps(off);
-                    let (zero, top) = (_mm512_setzero_si512(), _mm512_set1_epi32(qmax));
-                    let code = |v: __m512| {
-                        let s = if sym { _mm512_mul_ps(v, idv) } else { _mm512_mul_ps(_mm512_sub_ps(v, offv), idv) };
-                        let q = _mm512_cvttps_epi32(_mm512_add_ps(s, add));
-                        _mm512_min_epi32(_mm512_max_epi32(q, zero), top)
-                    };
-                    let (q0, q1) = (code(v0), code(v1));
-                    let qh = if qmax == 31 {
-                        let b4 = _mm512_set1_epi32(16);
-                        _mm512_test_epi32_mask(q0, b4) as u32 | ((_mm512_test_epi32_mask(q1, b4) as u32) << 16)
-                    } else {
-                        0
-                    };
-                    let nib = _mm512_set1_epi32(15);
-                    let packed = _mm512_or_si512(_mm512_and_si512(q0, nib), _mm512_slli_epi32::<4>(_mm512_and_si512(q1, nib)));
-                    _mm_storeu_si128(qs.cast(), _mm512_cvtepi32_epi8(packed));
-                    write_header(kind, ob, d, off, qh);
-                }
-            }
+        let mut b = 0;
+        while b + 16 <= nb {
+            ok &= group512::<K>(&x[b * 32..(b + 16) * 32], out.as_mut_ptr().add(b * bytes));
+            b += 16;
+        }
+        while b < nb {
+            ok &= block512::<K>(&x[b * 32..b * 32 + 32], out.as_mut_ptr().add(b * bytes));
+            b += 1;
         }
         ok
+    }
+
+    /// Codes and header of one block from its parameters (d's and the min's f16 bits given).
+    #[inline(always)]
+    unsafe fn emit512<const K: u8>(v0: __m512, v1: __m512, id: f32, off: f32, dh: u16, mh: u16, ob: *mut u8) {
+        let kind = kind_of(K);
+        let idv = _mm512_set1_ps(id);
+        let qs = ob.add(qs_offset(kind));
+        if kind == LegacyKind::Q8_0 {
+            let (one, half, mhalf) = (_mm512_set1_epi32(1), _mm512_set1_ps(0.5), _mm512_set1_ps(-0.5));
+            let code = |v: __m512| {
+                let s = _mm512_mul_ps(v, idv);
+                let t = _mm512_roundscale_ps::<TRUNC>(s);
+                let f = _mm512_sub_ps(s, t);
+                let q = _mm512_cvttps_epi32(t);
+                let q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, half), q, one);
+                _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, mhalf), q, one)
+            };
+            _mm_storeu_si128(qs.cast(), _mm512_cvtsepi32_epi8(code(v0)));
+            _mm_storeu_si128(qs.add(16).cast(), _mm512_cvtsepi32_epi8(code(v1)));
+            write_header(kind, ob, dh, 0, 0);
+            return;
+        }
+        let sym = matches!(kind, LegacyKind::Q4_0 | LegacyKind::Q5_0);
+        let qmax = if matches!(kind, LegacyKind::Q4_0 | LegacyKind::Q4_1) { 15 } else { 31 };
+        // symmetric: trunc(v * id + (half + 0.5)); affine: trunc((v - min) * id + 0.5)
+        let add = _mm512_set1_ps(match kind {
+            LegacyKind::Q4_0 => 8.5,
+            LegacyKind::Q5_0 => 16.5,
+            _ => 0.5,
+        });
+        let offv = _mm512_set1_ps(off);
+        let (zero, top) = (_mm512_setzero_si512(), _mm512_set1_epi32(qmax));
+        let code = |v: __m512| {
+            let s = if sym { _mm512_mul_ps(v, idv) } else { _mm512_mul_ps(_mm512_sub_ps(v, offv), idv) };
+            let q = _mm512_cvttps_epi32(_mm512_add_ps(s, add));
+            _mm512_min_epi32(_mm512_max_epi32(q, zero), top)
+        };
+        let (q0, q1) = (code(v0), code(v1));
+        let qh = if qmax == 31 {
+            let b4 = _mm512_set1_epi32(16);
+            _mm512_test_epi32_mask(q0, b4) as u32 | ((_mm512_test_epi32_mask(q1, b4) as u32) << 16)
+        } else {
+            0
+        };
+        let nib = _mm512_set1_epi32(15);
+        let packed = _mm512_or_si512(_mm512_and_si512(q0, nib), _mm512_slli_epi32::<4>(_mm512_and_si512(q1, nib)));
+        _mm_storeu_si128(qs.cast(), _mm512_cvtepi32_epi8(packed));
+        write_header(kind, ob, dh, mh, qh);
+    }
+
+    /// One block on its own (the row's last `nb % 16` blocks).
+    #[inline(always)]
+    unsafe fn block512<const K: u8>(xb: &[f32], ob: *mut u8) -> bool {
+        let kind = kind_of(K);
+        let p = xb.as_ptr();
+        let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let abs = _mm512_set1_epi32(ABS);
+        let a0 = _mm512_and_si512(_mm512_castps_si512(v0), abs);
+        let a1 = _mm512_and_si512(_mm512_castps_si512(v1), abs);
+        let amax_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(a0, a1));
+        if amax_bits >= INF_BITS {
+            return false;
+        }
+        let amax = f32::from_bits(amax_bits);
+        let (mut signed_max, mut lo, mut hi) = (0.0, 0.0, 0.0);
+        match kind {
+            LegacyKind::Q4_0 | LegacyKind::Q5_0 => signed_max = signed_absmax(xb),
+            LegacyKind::Q4_1 | LegacyKind::Q5_1 => {
+                lo = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));
+                hi = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
+            }
+            LegacyKind::Q8_0 => {}
+        }
+        match params(kind, signed_max, amax, lo, hi) {
+            Some((d, id, off)) => emit512::<K>(v0, v1, id, off, f32_to_f16(d), f32_to_f16(off), ob),
+            None => scalar_block(kind, xb, std::slice::from_raw_parts_mut(ob, kind.block_bytes())),
+        }
+        true
+    }
+
+    /// `vpermt2d` indices of round `r` of [`transpose_reduce`]: with `s = 8 >> r` partials per
+    /// block after the round and `16 / (2 s)` blocks per input vector, output lane `l` belongs to
+    /// block `l / s` (the first vector's blocks, then the second's, index + 16) and takes that
+    /// block's partial `l % s` (`lo`) or `l % s + s` (`hi`).
+    const fn perm_idx(r: usize, hi: bool) -> [i32; 16] {
+        let s = 8 >> r;
+        let nb_in = 16 / (2 * s);
+        let mut out = [0i32; 16];
+        let mut l = 0;
+        while l < 16 {
+            let (b, p) = (l / s, l % s);
+            let (src, blk) = if b < nb_in { (0, b) } else { (16, b - nb_in) };
+            out[l] = (src + blk * 2 * s + p + if hi { s } else { 0 }) as i32;
+            l += 1;
+        }
+        out
+    }
+
+    const PERM: [[[i32; 16]; 2]; 4] = [
+        [perm_idx(0, false), perm_idx(0, true)],
+        [perm_idx(1, false), perm_idx(1, true)],
+        [perm_idx(2, false), perm_idx(2, true)],
+        [perm_idx(3, false), perm_idx(3, true)],
+    ];
+
+    /// Lane `k` of the result = `op` over all lanes of `v[k]`, for 16 vectors: four rounds of
+    /// two-source permutes, each halving the partials per block and the number of vectors (lane
+    /// order ends up as block order).
+    #[inline(always)]
+    unsafe fn transpose_reduce<T: Copy>(mut v: [T; 16], perm: impl Fn(T, __m512i, T) -> T, op: impl Fn(T, T) -> T) -> T {
+        for (r, idx) in PERM.iter().enumerate() {
+            let (il, ih) = (_mm512_loadu_si512(idx[0].as_ptr().cast()), _mm512_loadu_si512(idx[1].as_ptr().cast()));
+            for i in 0..(8 >> r) {
+                v[i] = op(perm(v[2 * i], il, v[2 * i + 1]), perm(v[2 * i], ih, v[2 * i + 1]));
+            }
+        }
+        v[0]
+    }
+
+    /// 16 consecutive blocks: ranges reduced across blocks at once, then d, 1/d and the f16 bits of
+    /// d (and of the min) for all 16 with one vector division and one `vcvtps2ph` (round to nearest
+    /// even, the same rounding as `f32_to_f16`; checked in the tests).
+    #[inline(always)]
+    unsafe fn group512<const K: u8>(x: &[f32], out: *mut u8) -> bool {
+        let kind = kind_of(K);
+        let bytes = kind.block_bytes();
+        let p = x.as_ptr();
+        let v0: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(p.add(32 * k)));
+        let v1: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(p.add(32 * k + 16)));
+        let abs = _mm512_set1_epi32(ABS);
+        let amax_parts: [__m512i; 16] = std::array::from_fn(|k| {
+            _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0[k]), abs), _mm512_and_si512(_mm512_castps_si512(v1[k]), abs))
+        });
+        let permi = |a: __m512i, i: __m512i, b: __m512i| _mm512_permutex2var_epi32(a, i, b);
+        let permf = |a: __m512, i: __m512i, b: __m512| _mm512_permutex2var_ps(a, i, b);
+        // integer max of |bits| per block: the magnitude and the NaN/Inf check in one
+        let amax = transpose_reduce(amax_parts, permi, |a, b| _mm512_max_epu32(a, b));
+        if _mm512_cmpge_epu32_mask(amax, _mm512_set1_epi32(INF_BITS as i32)) != 0 {
+            return false;
+        }
+        let amax = _mm512_castsi512_ps(amax);
+        let zero = _mm512_setzero_ps();
+        let (mut lo, mut hi) = (zero, zero);
+        if kind != LegacyKind::Q8_0 {
+            lo = transpose_reduce(std::array::from_fn(|k| _mm512_min_ps(v0[k], v1[k])), permf, |a, b| _mm512_min_ps(a, b));
+            hi = transpose_reduce(std::array::from_fn(|k| _mm512_max_ps(v0[k], v1[k])), permf, |a, b| _mm512_max_ps(a, b));
+        }
+        // blocks for the one-at-a-time path (bit k = block k)
+        let mut slow: u16 = 0;
+        let (d, off) = match kind {
+            LegacyKind::Q8_0 => (_mm512_div_ps(amax, _mm512_set1_ps(127.0)), zero),
+            LegacyKind::Q4_0 | LegacyKind::Q5_0 => {
+                // the signed element of largest magnitude is min or max, unless they tie in
+                // magnitude (then the first occurrence decides; this includes all-zero blocks)
+                let neg_lo = _mm512_sub_ps(zero, lo);
+                slow |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(neg_lo, hi);
+                let sm = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(neg_lo, hi), hi, lo);
+                let half = if kind == LegacyKind::Q4_0 { -8.0 } else { -16.0 };
+                (_mm512_div_ps(sm, _mm512_set1_ps(half)), zero)
+            }
+            _ => {
+                slow |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(lo, zero) | _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(hi, zero);
+                let nmax = if kind == LegacyKind::Q4_1 { 15.0 } else { 31.0 };
+                (_mm512_div_ps(_mm512_sub_ps(hi, lo), _mm512_set1_ps(nmax)), lo)
+            }
+        };
+        // gguf-py's reciprocal: 0 where d == 0
+        let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(d, zero);
+        let id = _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.0), d);
+        slow |= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(id), _mm512_set1_ps(f32::INFINITY));
+        const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let mut dh = [0u16; 16];
+        let mut mh = [0u16; 16];
+        _mm256_storeu_si256(dh.as_mut_ptr().cast(), _mm512_cvtps_ph::<RNE>(d));
+        _mm256_storeu_si256(mh.as_mut_ptr().cast(), _mm512_cvtps_ph::<RNE>(off));
+        let mut ids = [0f32; 16];
+        let mut offs = [0f32; 16];
+        _mm512_storeu_ps(ids.as_mut_ptr(), id);
+        _mm512_storeu_ps(offs.as_mut_ptr(), off);
+        for k in 0..16 {
+            let ob = out.add(k * bytes);
+            if slow & (1 << k) != 0 {
+                block512::<K>(&x[32 * k..32 * k + 32], ob);
+            } else {
+                // reloaded from L1 rather than kept in 32 registers across the reductions
+                let (a, b) = (_mm512_loadu_ps(p.add(32 * k)), _mm512_loadu_ps(p.add(32 * k + 16)));
+                emit512::<K>(a, b, ids[k], offs[k], dh[k], mh[k], ob);
+            }
+        }
+        true
     }
 
     // ---------------------------------------------------------------- AVX2
@@ -344,7 +461,7 @@ mod imp {
                     // saturating packs = clamp(-128, 127)
                     let w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
                     _mm256_storeu_si256(qs.cast(), _mm256_permutevar8x32_epi32(w, fix));
-                    write_header(kind, ob, d, 0.0, 0);
+                    write_header(kind, ob, f32_to_f16(d), 0, 0);
                 }
                 _ => {
                     let (sym, qmax) = match kind {
@@ -383,7 +500,7 @@ mod imp {
                     let w = _mm256_packus_epi16(_mm256_packs_epi32(lo8, hi8), _mm256_setzero_si256());
                     let w = _mm256_permutevar8x32_epi32(w, fix);
                     _mm_storeu_si128(qs.cast(), _mm256_castsi256_si128(w));
-                    write_header(kind, ob, d, off, qh);
+                    write_header(kind, ob, f32_to_f16(d), f32_to_f16(off), qh);
                 }
             }
         }
@@ -457,6 +574,57 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The 16-block path rounds scales to f16 with `vcvtps2ph` (round to nearest even); it must
+    /// agree with the scalar `f32_to_f16` everywhere a finite scale can land, subnormals included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vcvtps2ph_equals_f32_to_f16() {
+        use crate::formats::ggml_block::f32_to_f16;
+        use std::arch::x86_64::*;
+        if !KernelLevel::Avx512.supported() {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn conv(x: &[f32; 16]) -> [u16; 16] {
+            let mut o = [0u16; 16];
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_loadu_ps(x.as_ptr()));
+            _mm256_storeu_si256(o.as_mut_ptr().cast(), h);
+            o
+        }
+        let mut buf = [0f32; 16];
+        let mut n = 0;
+        let mut check = |b: u32| {
+            buf[n] = f32::from_bits(b);
+            n += 1;
+            if n == 16 {
+                // SAFETY: AVX-512F checked above.
+                let got = unsafe { conv(&buf) };
+                for (x, g) in buf.iter().zip(got) {
+                    assert_eq!(g, f32_to_f16(*x), "{:#x}", x.to_bits());
+                }
+                n = 0;
+            }
+        };
+        // every f16 rounding boundary: the midpoints between neighbouring f16 values (ties) and
+        // one f32 ulp either side, both signs
+        for h in 0u16..0x7bff {
+            let (a, b) = (half::f16::from_bits(h).to_f32(), half::f16::from_bits(h + 1).to_f32());
+            let mid = ((a as f64 + b as f64) / 2.0) as f32; // exact: f16 midpoints fit in f32
+            for m in [mid.to_bits() - 1, mid.to_bits(), mid.to_bits() + 1] {
+                check(m);
+                check(m | 0x8000_0000);
+            }
+        }
+        // and a dense stride over the range where f16 is not zero or Inf, and a coarse one elsewhere
+        for b in (0x3300_0000u32..0x4780_0000).step_by(31) {
+            check(b);
+            check(b | 0x8000_0000);
+        }
+        for b in (0..0x7f80_0000u32).step_by(997) {
+            check(b);
         }
     }
 
