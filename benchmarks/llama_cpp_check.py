@@ -30,12 +30,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from diffulex_edge.eval import llama_cpp_perplexity, perplexity
 from diffulex_edge.export import export_gguf, load_gguf_weights
+from diffulex_edge.gguf import GGUFFile
 
-PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+CHUNK_RE = re.compile(r"\[(\d+)\]([0-9.]+),")
 
 
 def run(cmd, **kw) -> str:
@@ -52,13 +54,19 @@ def tool(bin_dir: str, name: str) -> str:
     return path
 
 
-def llama_perplexity(bin_dir, gguf, text, ctx, threads) -> tuple:
+def llama_perplexity(bin_dir, gguf, text, ctx, threads, chunks) -> float:
+    """llama-perplexity's running PPL after `chunks` chunks.
+
+    It is run for one chunk more and the running value printed after chunk `chunks` is taken:
+    some llama.cpp builds lose the last log lines (the last chunk's value and the "Final
+    estimate") when the process exits, because the asynchronous logger is stopped undrained.
+    """
     out = run([tool(bin_dir, "llama-perplexity"), "-m", gguf, "-f", text, "-c", str(ctx), "-b", str(ctx),
-               "-t", str(threads), "--no-warmup"])
-    m = PPL_RE.search(out)
-    if not m:
-        raise RuntimeError(f"no final PPL in llama-perplexity output:\n{out[-3000:]}")
-    return float(m.group(1)), float(m.group(2))
+               "-t", str(threads), "--no-warmup", "--chunks", str(chunks + 1)])
+    vals = {int(k): float(v) for k, v in CHUNK_RE.findall(out)}
+    if chunks not in vals:
+        raise RuntimeError(f"no PPL after chunk {chunks} in llama-perplexity output:\n{out[-3000:]}")
+    return vals[chunks]
 
 
 def llama_tokenize(bin_dir, gguf, text_path) -> list:
@@ -80,7 +88,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--mixes", default="F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,IQ4_XS,Q3_K_M,Q2_K,TQ2_0")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--llama-quantize", default="Q4_K_M,Q4_0",
+                    help="types to quantize our F16 export to with llama.cpp's llama-quantize, for comparison")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=600, help="score the first N chunks of CTX tokens")
     ap.add_argument("--prompt", default=" The game")
     args = ap.parse_args()
     if not args.bin_dir:
@@ -110,10 +121,12 @@ def main() -> None:
 
     # 3. the float model
     t0 = time.perf_counter()
-    ref = llama_cpp_perplexity(model, ids, n_ctx=args.ctx, bos_id=bos)
-    ours_default = perplexity(model, ids, seq_len=args.ctx, show_progress=False)
+    ref = llama_cpp_perplexity(model, ids, n_ctx=args.ctx, bos_id=bos, max_chunks=args.chunks)
+    n_eval = args.chunks * args.ctx
+    ours_default = perplexity(model, ids, seq_len=args.ctx, max_tokens=n_eval, show_progress=False)
     print(f"HF float32: llama.cpp protocol PPL {ref.perplexity:.4f} ({ref.n_tokens} tokens, {ref.n_windows} chunks); "
-          f"eval.perplexity(seq_len={args.ctx}) PPL {ours_default.perplexity:.4f} ({time.perf_counter() - t0:.1f} s)")
+          f"eval.perplexity(seq_len={args.ctx}) PPL {ours_default.perplexity:.4f} over {ours_default.n_tokens} tokens "
+          f"({time.perf_counter() - t0:.1f} s)")
 
     # 2. + 4. mixes
     rows = []
@@ -124,21 +137,29 @@ def main() -> None:
         rep = export_gguf(model, path, quant=mix, tokenizer=tok)
         types = ", ".join(f"{k}x{v}" for k, v in sorted(rep.type_counts().items()))
         files.append((f"ours {mix}", path, f"{rep.bits_per_weight:.2f}", types))
-    lq = os.path.join(out_dir, "llama-quantize-Q4_K_M.gguf")
-    run([tool(args.bin_dir, "llama-quantize"), f16, lq, "Q4_K_M", str(args.threads)])
-    files.append(("llama-quantize Q4_K_M (from ours F16)", lq, "-", "-"))
+    for q in [m.strip().upper() for m in args.llama_quantize.split(",") if m.strip()]:
+        lq = os.path.join(out_dir, f"llama-quantize-{q}.gguf")
+        run([tool(args.bin_dir, "llama-quantize"), f16, lq, q, str(args.threads)])
+        g = GGUFFile.read(lq)
+        counts = {}
+        for t in g.tensors.values():
+            counts[str(t.ggml_type)] = counts.get(str(t.ggml_type), 0) + 1
+        bpw = 8.0 * sum(t.nbytes for t in g.tensors.values()) / sum(int(np.prod(t.shape)) for t in g.tensors.values())
+        files.append((f"llama-quantize {q} (from ours F16)", lq, f"{bpw:.2f}",
+                      ", ".join(f"{k}x{v}" for k, v in sorted(counts.items()))))
     for label, path, bpw, types in files:
-        ppl, err = llama_perplexity(args.bin_dir, path, args.text, args.ctx, args.threads)
-        torch_ppl = llama_cpp_perplexity(model_from_gguf(model, path), ids, n_ctx=args.ctx, bos_id=bos).perplexity
-        rows.append((label, bpw, types, ppl, err, torch_ppl))
-        print(f"{label:<40} bpw {bpw:>5}  llama.cpp PPL {ppl:.4f} +/- {err:.4f}  torch on the same weights {torch_ppl:.4f}"
+        ppl = llama_perplexity(args.bin_dir, path, args.text, args.ctx, args.threads, args.chunks)
+        torch_ppl = llama_cpp_perplexity(model_from_gguf(model, path), ids, n_ctx=args.ctx, bos_id=bos,
+                                         max_chunks=args.chunks).perplexity
+        rows.append((label, bpw, types, ppl, torch_ppl))
+        print(f"{label:<40} bpw {bpw:>5}  llama.cpp PPL {ppl:.4f}  torch on the same weights {torch_ppl:.4f}"
               f"  ({100 * (ppl / torch_ppl - 1):+.2f}%)  [{types}]", flush=True)
 
     print("\n| file | bits/weight | tensor types | llama-perplexity PPL | PyTorch on the file's weights | diff |")
     print("|---|---|---|---|---|---|")
     print(f"| HF float32 (no file) | 32 | - | - | {ref.perplexity:.4f} | - |")
-    for label, bpw, types, ppl, err, tp in rows:
-        print(f"| {label} | {bpw} | {types} | {ppl:.4f} ± {err:.4f} | {tp:.4f} | {100 * (ppl / tp - 1):+.2f}% |")
+    for label, bpw, types, ppl, tp in rows:
+        print(f"| {label} | {bpw} | {types} | {ppl:.4f} | {tp:.4f} | {100 * (ppl / tp - 1):+.2f}% |")
 
     # 5. generation
     for label, path in (("F16", f16), ("Q4_K_M", os.path.join(out_dir, "ours-Q4_K_M.gguf"))):
