@@ -94,7 +94,8 @@ def test_llama_perplexity_matches_pytorch_on_the_same_weights(setup, quant):
     ours = llama_cpp_perplexity(load_gguf_weights(copy.deepcopy(model), path), ids, n_ctx=CTX,
                                 max_chunks=chunks).perplexity
     # Same weights, same tokens, same scored positions. What differs: llama.cpp stores K/V in f16
-    # (relative rounding 2^-11 per element), quantizes activations to Q8 for quantized matmuls
-    # (about 2^-8 relative) and sums in another order. 2% on a PPL of ~100 is far below
-    # any real export bug (a wrong permutation or tokenizer more than doubles it).
-    assert ppl_llama == pytest.approx(ours, rel=0.02), (ppl_llama, ours)
+    # (relative rounding 2^-11 per element), rounds activations to f16 / Q8 for the matmuls
+    # (2^-11 / about 2^-8 relative) and sums in another order; on WikiText-2 (200 chunks) the
+    # two agree within 0.01% for every mix (docs/gguf.md); 0.5% leaves room for other builds and
+    # kernels while still catching a file that llama.cpp computes differently.
+    assert ppl_llama == pytest.approx(ours, rel=0.005), (ppl_llama, ours)
