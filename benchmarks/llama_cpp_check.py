@@ -80,6 +80,28 @@ def model_from_gguf(model, path):
     return load_gguf_weights(copy.deepcopy(model), path).eval()
 
 
+def activation_imatrix(model, ids: torch.Tensor, ctx: int) -> dict:
+    """llama.cpp-style importance matrix: per nn.Linear, the mean squared input activation of each
+    column over `ids` (run in disjoint windows of `ctx` tokens), keyed by HF module name."""
+    sums, counts, hooks = {}, {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(m, inp, out, name=name):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        n = ids.numel() // ctx
+        with torch.inference_mode():
+            for b in range(0, n, 16):
+                model(ids[b * ctx : min(n, b + 16) * ctx].reshape(-1, ctx))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (sums[k] / counts[k]).float().numpy() for k in sums}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", default=os.environ.get("LLAMA_CPP_BIN_DIR"))
@@ -93,6 +115,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=600, help="score the first N chunks of CTX tokens")
     ap.add_argument("--prompt", default=" The game")
+    ap.add_argument("--imatrix-text", default=None,
+                    help="also export the mixes with an importance matrix from this (calibration) text")
+    ap.add_argument("--imatrix-tokens", type=int, default=65536)
     args = ap.parse_args()
     if not args.bin_dir:
         raise SystemExit("pass --bin-dir or set LLAMA_CPP_BIN_DIR to llama.cpp's build/bin")
@@ -137,6 +162,18 @@ def main() -> None:
         rep = export_gguf(model, path, quant=mix, tokenizer=tok)
         types = ", ".join(f"{k}x{v}" for k, v in sorted(rep.type_counts().items()))
         files.append((f"ours {mix}", path, f"{rep.bits_per_weight:.2f}", types))
+    if args.imatrix_text:
+        with open(args.imatrix_text, encoding="utf-8") as fh:
+            cal = torch.tensor(tok(fh.read())["input_ids"][: args.imatrix_tokens], dtype=torch.long)
+        imat = activation_imatrix(model, cal, args.ctx)
+        for mix in mixes:
+            if mix in ("F16", "F32", "BF16"):
+                continue
+            path = os.path.join(out_dir, f"ours-{mix}-imatrix.gguf")
+            rep = export_gguf(model, path, quant=mix, tokenizer=tok, imatrix=imat)
+            types = ", ".join(f"{k}x{v}" for k, v in sorted(rep.type_counts().items()))
+            files.append((f"ours {mix} + imatrix ({cal.numel()} tokens of {os.path.basename(args.imatrix_text)})",
+                          path, f"{rep.bits_per_weight:.2f}", types))
     for q in [m.strip().upper() for m in args.llama_quantize.split(",") if m.strip()]:
         lq = os.path.join(out_dir, f"llama-quantize-{q}.gguf")
         run([tool(args.bin_dir, "llama-quantize"), f16, lq, q, str(args.threads)])
