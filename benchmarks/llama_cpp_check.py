@@ -198,12 +198,16 @@ def main() -> None:
     for label, bpw, types, ppl, tp in rows:
         print(f"| {label} | {bpw} | {types} | {ppl:.4f} | {tp:.4f} | {100 * (ppl / tp - 1):+.2f}% |")
 
-    # 5. generation
+    # 5. generation: llama-simple (greedy) vs HF greedy decoding of the float model
+    hf_ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        gen = model.generate(hf_ids, max_new_tokens=24, do_sample=False)
+    print(f"HF float32 greedy: {tok.decode(gen[0])!r}")
     for label, path in (("F16", f16), ("Q4_K_M", os.path.join(out_dir, "ours-Q4_K_M.gguf"))):
         if os.path.exists(path):
-            out = run([tool(args.bin_dir, "llama-simple"), "-m", path, "-n", "24", args.prompt])
-            gen = [ln for ln in out.splitlines() if args.prompt.strip() in ln]
-            print(f"llama-simple {label}: {gen[-1] if gen else out[-300:]!r}")
+            p = subprocess.run([tool(args.bin_dir, "llama-simple"), "-m", path, "-n", "24", args.prompt],
+                               capture_output=True, text=True)
+            print(f"llama-simple {label}: {p.stdout.strip(chr(10))!r}")
     return 0
 
 
