@@ -41,6 +41,26 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    // The round-to-nearest (gguf-py-identical) quantizers on the whole 4096 x 14336 matrix (235 MB
+    // of f32: does not fit in any cache, as in a real export), SIMD kernels vs the scalar level.
+    // benchmarks/bench_gguf.py measures the same against gguf-py.
+    let (rows, cols) = (4096, 14336);
+    let x = data(rows, cols);
+    let mut g = c.benchmark_group("ggml_quantize_rtn_4096x14336");
+    g.throughput(Throughput::Elements((rows * cols) as u64));
+    g.sample_size(10);
+    for t in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1] {
+        for lv in [level, KernelLevel::Scalar] {
+            g.bench_function(format!("{}/{}", t.name(), lv.name()), |b| {
+                b.iter(|| ggml_any::quantize(t, &x, rows, cols, None, QuantMode::Rtn, lv).unwrap())
+            });
+        }
+    }
+    g.finish();
+    drop(x);
+    let (rows, cols) = (256, 14336);
+    let x = data(rows, cols);
     let mut g = c.benchmark_group("ggml_dequantize");
     g.throughput(Throughput::Elements((rows * cols) as u64));
     g.sample_size(10);

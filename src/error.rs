@@ -36,8 +36,8 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 /// Locate the first non-finite value of a row-major `[rows, cols]` matrix as an error.
 pub(crate) fn first_non_finite(w: &[f32], cols: usize) -> Option<Error> {
     w.iter().position(|v| !v.is_finite()).map(|i| Error::NonFinite {
-        row: if cols == 0 { 0 } else { i / cols },
-        col: if cols == 0 { 0 } else { i % cols },
+        row: i.checked_div(cols).unwrap_or(0),
+        col: i.checked_rem(cols).unwrap_or(0),
         value: w[i],
     })
 }

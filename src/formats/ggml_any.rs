@@ -101,6 +101,21 @@ macro_rules! with_format {
 
 /// Quantize a row-major `[rows, cols]` f32 matrix to `t` (fast path).
 pub fn quantize(t: GgmlType, x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, level: KernelLevel) -> Result<Vec<u8>> {
+    #[cfg(target_arch = "x86_64")]
+    if mode == QuantMode::Rtn && level != KernelLevel::Scalar {
+        use crate::kernels::ggml_rtn::LegacyKind as K;
+        let fast = match t {
+            GgmlType::Q4_0 => Some(gb::quantize_legacy_rtn::<legacy::Q4_0>(K::Q4_0, x, rows, cols, level)),
+            GgmlType::Q4_1 => Some(gb::quantize_legacy_rtn::<legacy::Q4_1>(K::Q4_1, x, rows, cols, level)),
+            GgmlType::Q5_0 => Some(gb::quantize_legacy_rtn::<legacy::Q5_0>(K::Q5_0, x, rows, cols, level)),
+            GgmlType::Q5_1 => Some(gb::quantize_legacy_rtn::<legacy::Q5_1>(K::Q5_1, x, rows, cols, level)),
+            GgmlType::Q8_0 => Some(gb::quantize_legacy_rtn::<legacy::Q8_0>(K::Q8_0, x, rows, cols, level)),
+            _ => None,
+        };
+        if let Some(r) = fast {
+            return r;
+        }
+    }
     with_format!(t, F => gb::quantize::<F>(x, rows, cols, imp, mode, level))
 }
 

@@ -16,6 +16,8 @@ use rayon::prelude::*;
 
 use crate::error::{check_len, first_non_finite, Error, Result};
 use crate::kernels::KernelLevel;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::ggml_rtn::{self, LegacyKind};
 
 /// Weights per K-quant super-block (`QK_K` in ggml).
 pub const QK_K: usize = 256;
@@ -108,7 +110,7 @@ impl GgmlType {
     /// Bytes of a row of `cols` weights; an error when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Result<usize> {
         let b = self.block_size();
-        if cols % b != 0 {
+        if !cols.is_multiple_of(b) {
             return Err(Error::Shape(format!(
                 "{}: row length {cols} is not a multiple of the block size {b}",
                 self.name()
@@ -222,7 +224,9 @@ fn dequantize_blocks_at<F: BlockFormat>(level: KernelLevel, b: &[u8], out: &mut 
     }
 }
 
-fn check_quantize_args<F: BlockFormat>(x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode) -> Result<usize> {
+fn check_quantize_args<F: BlockFormat>(
+    x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, scan_finite: bool,
+) -> Result<usize> {
     check_len("weight", x.len(), rows * cols)?;
     let row_bytes = F::TYPE.row_bytes(cols)?;
     if let Some(w) = imp {
@@ -239,7 +243,8 @@ fn check_quantize_args<F: BlockFormat>(x: &[f32], rows: usize, cols: usize, imp:
         )));
     }
     // F32/F16/BF16 store what they are given; every block format needs finite input.
-    if F::BLOCK > 1 && !all_finite(x) {
+    // (`scan_finite == false`: the caller's kernel checks while it quantizes)
+    if scan_finite && F::BLOCK > 1 && !all_finite(x) {
         if let Some(e) = first_non_finite(x, cols) {
             return Err(e);
         }
@@ -274,7 +279,7 @@ fn sanitize_importance(imp: Option<&[f32]>) -> Option<Vec<f32>> {
 
 /// Scalar reference: quantize a row-major `[rows, cols]` matrix one block at a time.
 pub fn quantize_ref<F: BlockFormat>(x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode) -> Result<Vec<u8>> {
-    let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode)?;
+    let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode, true)?;
     let imp = sanitize_importance(imp);
     let mut out = vec![0u8; rows * row_bytes];
     for r in 0..rows {
@@ -287,7 +292,7 @@ pub fn quantize_ref<F: BlockFormat>(x: &[f32], rows: usize, cols: usize, imp: Op
 pub fn quantize<F: BlockFormat>(
     x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, level: KernelLevel,
 ) -> Result<Vec<u8>> {
-    let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode)?;
+    let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode, true)?;
     let imp = sanitize_importance(imp);
     let mut out = vec![0u8; rows * row_bytes];
     if row_bytes == 0 {
@@ -306,8 +311,44 @@ pub fn quantize<F: BlockFormat>(
     Ok(out)
 }
 
+/// Round-to-nearest fast path of the 32-weight legacy formats: rows in parallel through the SIMD
+/// row kernels of `kernels::ggml_rtn` (which check for NaN/Inf as they go, so the input is read
+/// once), into a huge-page-backed output. Bytes equal `quantize_ref::<F>(.., QuantMode::Rtn)`'s.
+/// `level` must be above `Scalar` (the caller falls back to [`quantize`] otherwise).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
+    kind: LegacyKind, x: &[f32], rows: usize, cols: usize, level: KernelLevel,
+) -> Result<Vec<u8>> {
+    debug_assert_eq!(kind.block_bytes(), F::BYTES);
+    let row_bytes = check_quantize_args::<F>(x, rows, cols, None, QuantMode::Rtn, false)?;
+    let mut out = crate::mem::zeroed_vec::<u8>(rows * row_bytes);
+    if row_bytes == 0 {
+        return Ok(out);
+    }
+    let row = |xr: &[f32], o: &mut [u8]| -> bool {
+        // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which check the CPU.
+        unsafe {
+            if level.has_avx512() {
+                ggml_rtn::rtn_row_avx512(kind, xr, o)
+            } else {
+                ggml_rtn::rtn_row_avx2(kind, xr, o)
+            }
+        }
+    };
+    // ~64 KiB of input per task: few enough tasks that scheduling is noise, enough to balance
+    let rows_per_task = (16384 / cols.max(1)).max(1);
+    let finite = out
+        .par_chunks_mut(row_bytes * rows_per_task)
+        .zip(x.par_chunks(cols * rows_per_task))
+        .all(|(o, xr)| o.chunks_mut(row_bytes).zip(xr.chunks(cols)).fold(true, |ok, (ob, xb)| row(xb, ob) & ok));
+    if !finite {
+        return Err(first_non_finite(x, cols).unwrap_or_else(|| Error::InvalidArgument("non-finite weight".into())));
+    }
+    Ok(out)
+}
+
 fn check_dequantize_args<F: BlockFormat>(b: &[u8], n: usize) -> Result<()> {
-    if n % F::BLOCK != 0 {
+    if !n.is_multiple_of(F::BLOCK) {
         return Err(Error::Shape(format!("{}: {n} weights are not a whole number of {}-weight blocks", F::TYPE.name(), F::BLOCK)));
     }
     check_len(&format!("{} data (bytes)", F::TYPE.name()), b.len(), n / F::BLOCK * F::BYTES)

@@ -87,7 +87,7 @@ pub fn signed_absmax(x: &[f32]) -> f32 {
 /// `absmax` for any length (the lane-wise version wants multiples of 8).
 #[inline(always)]
 fn absmax_any(x: &[f32]) -> f32 {
-    if x.len() % L == 0 {
+    if x.len().is_multiple_of(L) {
         absmax(x)
     } else {
         x.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a })

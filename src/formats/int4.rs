@@ -353,6 +353,7 @@ mod tests {
             let mut u = vec![0u8; c];
             for row in 0..r {
                 unpack_row(&m.packed[row * layout.row_bytes()..(row + 1) * layout.row_bytes()], &mut u);
+                #[allow(clippy::needless_range_loop)]
                 for col in 0..c {
                     let z = m.zeros[row * layout.groups() + col / g] as f32;
                     let s = m.scales[row * layout.groups() + col / g];

@@ -137,7 +137,7 @@ pub fn ggml_type_size(id: u32) -> Option<(u64, u64)> {
 pub fn tensor_nbytes(id: u32, dims: &[u64]) -> Result<u64> {
     let (block, size) = ggml_type_size(id).ok_or_else(|| Error::Unsupported(format!("unknown ggml type id {id}")))?;
     let row = *dims.first().unwrap_or(&1);
-    if row % block != 0 {
+    if !row.is_multiple_of(block) {
         return Err(Error::Shape(format!("row length {row} is not a multiple of the block size {block} of ggml type {id}")));
     }
     let rows = dims.iter().skip(1).try_fold(1u64, |a, d| a.checked_mul(*d));

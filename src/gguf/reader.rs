@@ -48,7 +48,7 @@ impl<R: Read> Src<R> {
     fn count(&mut self, what: &str, min_size: u64) -> Result<usize> {
         let at = self.pos;
         let n = self.u64(what)?;
-        if n.checked_mul(min_size).map_or(true, |need| need > self.remaining()) {
+        if n.checked_mul(min_size).is_none_or(|need| need > self.remaining()) {
             return Err(corrupt(format!(
                 "{what} {n} at byte {at} cannot fit in the {} bytes left in the file", self.remaining()
             )));
@@ -164,7 +164,7 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
         return Err(corrupt(format!("truncated file: data section starts at byte {data_offset}, file has {len}")));
     }
     for t in &tensors {
-        if t.offset.checked_add(t.nbytes).map_or(true, |end| end > data_len) {
+        if t.offset.checked_add(t.nbytes).is_none_or(|end| end > data_len) {
             return Err(corrupt(format!(
                 "tensor {:?}: bytes {}..{}+{} lie outside the {data_len}-byte data section (truncated file?)",
                 t.name, t.offset, t.offset, t.nbytes

@@ -235,6 +235,8 @@ pub(crate) fn for_each_row_block(n: usize, out: &mut [f32], f: impl Fn(usize, us
     let per_task = n.div_ceil(threads * 8).next_multiple_of(ROWS).clamp(ROWS, 256);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        // rebinding moves the whole `OutPtr` (Send) into the closure, not its raw-pointer field
+        #[allow(clippy::redundant_locals)]
         let ptr = ptr;
         f(t * per_task, ((t + 1) * per_task).min(n), ptr)
     });

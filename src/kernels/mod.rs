@@ -14,6 +14,7 @@ pub mod dot;
 pub mod gemm;
 #[allow(clippy::needless_range_loop)]
 pub mod gemv;
+pub(crate) mod ggml_rtn;
 pub mod linear;
 pub(crate) mod quantize;
 #[allow(clippy::needless_range_loop)]

@@ -103,3 +103,28 @@ def test_model_mode_restored(bigram):
     bigram.train()
     perplexity(bigram, torch.arange(50) % 64, seq_len=16, show_progress=False)
     assert bigram.training
+
+
+def test_llama_cpp_protocol_scores_second_half_of_each_chunk(bigram):
+    from diffulex_edge.eval import llama_cpp_perplexity
+
+    ids = torch.randint(0, 64, (300,), generator=torch.Generator().manual_seed(2))
+    n_ctx = 16
+    r = llama_cpp_perplexity(bigram, ids, n_ctx=n_ctx, batch=5)
+    # independent: per chunk, the bigram NLL of tokens first+1 .. n_ctx-1 (first = n_ctx // 2)
+    n_chunk, first = 300 // n_ctx, n_ctx // 2
+    nll = []
+    with torch.no_grad():
+        for c in range(n_chunk):
+            x = ids[c * n_ctx : (c + 1) * n_ctx]
+            logp = F.log_softmax(bigram(x.unsqueeze(0))[0].double(), -1)
+            nll += [-logp[k, x[k + 1]].item() for k in range(first, n_ctx - 1)]
+    assert r.n_tokens == n_chunk * (n_ctx - 1 - first) == len(nll)
+    assert r.mean_nll == pytest.approx(sum(nll) / len(nll), rel=1e-6)
+    # a bigram model only sees the previous token, so BOS replacement of token 0 changes nothing
+    # here, while a different n_ctx scores a different token set
+    assert llama_cpp_perplexity(bigram, ids, n_ctx=n_ctx, bos_id=0).mean_nll == pytest.approx(r.mean_nll, rel=1e-6)
+    assert llama_cpp_perplexity(bigram, ids, n_ctx=10).n_tokens == 30 * 4
+    assert llama_cpp_perplexity(bigram, ids, n_ctx=n_ctx, max_chunks=3).n_tokens == 3 * 7
+    with pytest.raises(ConfigError):
+        llama_cpp_perplexity(bigram, ids[:10], n_ctx=16)

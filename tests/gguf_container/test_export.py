@@ -167,6 +167,27 @@ def test_tokenizer_metadata(tmp_path):
     assert md["tokenizer.ggml.merges"] == ["a b"]
     assert md["tokenizer.ggml.bos_token_id"] == 0 and md["tokenizer.ggml.eos_token_id"] == 1
     assert md["tokenizer.ggml.token_type"][0] == 3 and md["tokenizer.ggml.token_type"][2] == 1
+    # llama.cpp splits text with the GPT-2 regex only under "gpt-2" ("default" uses other regexes)
+    assert md["tokenizer.ggml.pre"] == "gpt-2"
+    # this tokenizer adds no BOS/EOS; llama.cpp must be told so
+    assert md["tokenizer.ggml.add_bos_token"] is False and md["tokenizer.ggml.add_eos_token"] is False
+
+
+def test_bpe_pre_tokenizer_names():
+    from diffulex_edge.export.gguf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, bpe_pre_tokenizer
+
+    bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert bpe_pre_tokenizer({"pre_tokenizer": bl}) == "gpt-2"
+    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [bl]}}) == "gpt-2"
+    for rx, name in ((_LLAMA3_SPLIT, "llama-bpe"), (_QWEN2_SPLIT, "qwen2")):
+        seq = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated", "invert": False},
+            dict(bl, use_regex=False)]}
+        assert bpe_pre_tokenizer({"pre_tokenizer": seq}) == name
+    for bad in (None, {"type": "Whitespace"}, dict(bl, add_prefix_space=True),
+                {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "x+"}}, dict(bl, use_regex=False)]}):
+        with pytest.raises(UnsupportedFormatError):
+            bpe_pre_tokenizer({"pre_tokenizer": bad})
 
 
 def test_bad_arguments(tmp_path):
@@ -177,3 +198,28 @@ def test_bad_arguments(tmp_path):
         export_gguf(model, tmp_path / "x.gguf", overrides={"attn": "Q9"})
     with pytest.raises(UnsupportedFormatError):
         export_gguf(torch.nn.Linear(2, 2), tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_gguf_weights_inverts_export(tmp_path, tie):
+    from diffulex_edge.export import load_gguf_weights
+
+    model = tiny_llama(tie=tie)  # 4 query heads, 2 KV heads: both permutations differ
+    p = tmp_path / "m.gguf"
+    export_gguf(model, p, quant="F32")
+    other = tiny_llama(tie=tie)
+    with torch.no_grad():
+        for t in other.parameters():
+            t.normal_()
+    load_gguf_weights(other, p)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.arange(20).unsqueeze(0)
+    assert torch.equal(model(ids).logits, other(ids).logits)
+    # quantized: the loaded weights are the file's dequantized values
+    export_gguf(model, p, quant="Q8_0")
+    load_gguf_weights(other, p)
+    w = other.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(w, GGUFFile.read(p).tensor("blk.1.ffn_down.weight"))
+    with pytest.raises(UnsupportedFormatError):
+        load_gguf_weights(torch.nn.Linear(2, 2), p)

@@ -3,7 +3,7 @@ latency and memory, on-disk size, and `compare_schemes` for a size / accuracy / 
 
 from .compare import DEFAULT_SCHEMES, compare_schemes, parse_scheme
 from .latency import LatencyResult, disk_size_bytes, measure_latency, measure_speedup
-from .perplexity import PerplexityResult, logits_of, perplexity, tokenize
+from .perplexity import PerplexityResult, llama_cpp_perplexity, logits_of, perplexity, tokenize
 from .report import BenchmarkReport, SchemeResult
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "SchemeResult",
     "compare_schemes",
     "disk_size_bytes",
+    "llama_cpp_perplexity",
     "logits_of",
     "measure_latency",
     "measure_speedup",

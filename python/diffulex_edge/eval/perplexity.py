@@ -167,3 +167,51 @@ def perplexity(
         result.top1_agreement = agree / count
         result.reference_perplexity = math.exp(ref_nll / count)
     return result
+
+
+def llama_cpp_perplexity(
+    model: nn.Module,
+    text_or_tokens: TextOrTokens,
+    tokenizer: Any = None,
+    *,
+    n_ctx: int = 512,
+    bos_id: Optional[int] = None,
+    max_chunks: Optional[int] = None,
+    batch: int = 16,
+) -> PerplexityResult:
+    """Perplexity with llama.cpp's `llama-perplexity` protocol, for comparing with its figures.
+
+    The token stream is cut into ``len // n_ctx`` disjoint chunks of ``n_ctx`` tokens (the rest is
+    dropped); with ``bos_id`` (a model whose GGUF has ``add_bos_token``) each chunk's first token is
+    replaced by BOS; in each chunk only the second half is scored: the logits at positions
+    ``n_ctx // 2 .. n_ctx - 2`` predict tokens ``n_ctx // 2 + 1 .. n_ctx - 1`` (tools/perplexity/
+    perplexity.cpp, `perplexity()`: ``first = n_ctx/2``, ``n_ctx - 1 - first`` tokens per chunk).
+    """
+    ids = tokenize(text_or_tokens, tokenizer)
+    n_ctx = int(n_ctx)
+    if n_ctx < 4:
+        raise ConfigError(f"n_ctx must be >= 4, got {n_ctx}")
+    n_chunk = ids.numel() // n_ctx
+    if max_chunks is not None:
+        n_chunk = min(n_chunk, int(max_chunks))
+    if n_chunk < 1:
+        raise ConfigError(f"need at least n_ctx={n_ctx} tokens, got {ids.numel()}")
+    chunks = ids[: n_chunk * n_ctx].reshape(n_chunk, n_ctx).clone()
+    if bos_id is not None:
+        chunks[:, 0] = int(bos_id)
+    first = n_ctx // 2
+    nll = 0.0
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, n_chunk, max(1, int(batch))):
+                x = chunks[b : b + batch]
+                logp = F.log_softmax(logits_of(model, x)[:, first : n_ctx - 1].float(), dim=-1)
+                targets = x[:, first + 1 :]
+                nll -= float(logp.gather(2, targets[..., None]).sum(dtype=torch.float64))
+    finally:
+        model.train(training)
+    count = n_chunk * (n_ctx - 1 - first)
+    mean = nll / count
+    return PerplexityResult(math.exp(mean), mean, count, n_chunk, n_ctx, n_ctx)

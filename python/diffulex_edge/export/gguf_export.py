@@ -56,6 +56,55 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: Optional[int] = None) -> n
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: Optional[int] = None) -> np.ndarray:
+    """Inverse of `permute_qk`: GGUF (interleaved pairs) -> HF rotary layout (halves)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def load_gguf_weights(model, path: Union[str, os.PathLike]):
+    """Overwrite the weights of a HF model (of the architecture and shapes `path` was exported from)
+    with the GGUF file's tensors, dequantized to float32 — what llama.cpp computes with, so a
+    PyTorch evaluation of the result measures the file's quantization error. Returns `model`."""
+    import torch
+
+    from ..gguf import GGUFFile
+
+    cls = type(model).__name__
+    archs = getattr(getattr(model, "config", None), "architectures", None) or [cls]
+    hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
+    if hf_arch is None or getattr(model, "config", None) is None:
+        raise UnsupportedFormatError(f"load_gguf_weights supports {', '.join(ARCHITECTURES)}; got {cls}")
+    arch, permute = ARCHITECTURES[hf_arch]
+    f = GGUFFile.read(path)
+    if f.metadata.get("general.architecture") != arch:
+        raise ConfigError(f"{os.fspath(path)} holds a {f.metadata.get('general.architecture')!r} model, not {arch!r}")
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
+    state = model.state_dict()
+    with torch.no_grad():
+        for hf_name, t in state.items():
+            g = gguf_tensor_name(hf_name)
+            if g == "output.weight" and g not in f.tensors:
+                g = "token_embd.weight"  # tied embeddings
+            if g is None:
+                continue
+            if g not in f.tensors:
+                raise ConfigError(f"{os.fspath(path)} has no tensor {g!r} (for {hf_name})")
+            a = f.tensor(g)
+            if a.size != t.numel():
+                raise ConfigError(f"{g}: {a.shape} in the file, {tuple(t.shape)} in the model")
+            a = a.reshape(tuple(t.shape))
+            if permute and g.endswith("attn_q.weight"):
+                a = unpermute_qk(a, n_head, n_head)
+            elif permute and g.endswith("attn_k.weight"):
+                a = unpermute_qk(a, n_head, n_kv)
+            t.copy_(torch.from_numpy(np.ascontiguousarray(a)).to(t.dtype))
+    return model
+
+
 @dataclass
 class TensorReport:
     name: str
@@ -227,4 +276,5 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     return report
 
 
-__all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "permute_qk"]
+__all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "load_gguf_weights",
+           "permute_qk", "unpermute_qk"]

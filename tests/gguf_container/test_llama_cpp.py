@@ -1,0 +1,101 @@
+"""llama.cpp itself loads and runs our GGUF exports (opt-in: set LLAMA_CPP_BIN_DIR to a llama.cpp
+build's bin directory with llama-perplexity and llama-tokenize; see docs/gguf.md).
+
+The trained tiny Llama in examples/tiny-llama-wikitext is exported; llama.cpp must tokenize like
+the HF tokenizer, token for token, and its perplexity must match a PyTorch evaluation of the same
+file's (dequantized) weights under the same protocol (`eval.llama_cpp_perplexity`).
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+BIN = os.environ.get("LLAMA_CPP_BIN_DIR")
+pytestmark = pytest.mark.skipif(not BIN, reason="set LLAMA_CPP_BIN_DIR to a llama.cpp build/bin directory")
+
+MODEL = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama-wikitext"
+CTX = 128
+
+# wikitext-style text with the cases a pre-tokenizer regex separates differently: contractions,
+# numbers of several lengths, punctuation runs, multiple spaces, newlines, non-ASCII letters
+PARAGRAPHS = [
+    " = Valkyria Chronicles III = \n",
+    " The game 's battle system , the BliTZ system , is carried over directly from Valkyria Chronicles . "
+    "During missions , players select each unit using a top @-@ down perspective of the battlefield map : "
+    "once a character is selected , the player moves the character around the battlefield in third @-@ person . \n",
+    " It was released in 2011 , sold 102 @,@ 000 copies in its first week and won't be ported ; they've said "
+    "that 3 @.@ 5 million units would be needed . Café owners in Zürich — and São Paulo — disagreed !!  \n",
+    "\n",
+    " In 1945 , after the war ended , the team 's manager ( Joe Smith ) returned : \" We 'll see \" , he said . \n",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("llama_cpp")
+    text = "".join(PARAGRAPHS[i % len(PARAGRAPHS)] for i in range(60))
+    text_path = d / "text.txt"
+    text_path.write_text(text, encoding="utf-8")
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    return d, text_path, model, tok
+
+
+def tool(name):
+    p = Path(BIN) / name
+    if not p.exists():
+        pytest.skip(f"{p} not built")
+    return str(p)
+
+
+def run(*cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def test_llama_cpp_tokenizes_like_hf(setup):
+    from diffulex_edge.export import export_gguf
+
+    d, text_path, model, tok = setup
+    path = d / "F16.gguf"
+    export_gguf(model, path, quant="F16", tokenizer=tok)
+    out = run(tool("llama-tokenize"), "-m", str(path), "-f", str(text_path), "--ids", "--log-disable")
+    ids = [int(v) for v in out.strip().splitlines()[-1].strip("[] ").split(",") if v.strip()]
+    assert ids == tok(text_path.read_text(encoding="utf-8"))["input_ids"]
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M", "Q4_0"])
+def test_llama_perplexity_matches_pytorch_on_the_same_weights(setup, quant):
+    import copy
+
+    from diffulex_edge.eval import llama_cpp_perplexity
+    from diffulex_edge.export import export_gguf, load_gguf_weights
+
+    d, text_path, model, tok = setup
+    path = d / f"{quant}.gguf"
+    export_gguf(model, path, quant=quant, tokenizer=tok)
+    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
+    chunks = ids.numel() // CTX - 1
+    assert chunks >= 10
+    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
+              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
+    # the running PPL printed after chunk `chunks` (some builds lose the last chunk's line and the
+    # final estimate at exit: their logger is stopped undrained)
+    vals = dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))
+    assert str(chunks) in vals, out[-2000:]
+    ppl_llama = float(vals[str(chunks)])
+    ours = llama_cpp_perplexity(load_gguf_weights(copy.deepcopy(model), path), ids, n_ctx=CTX,
+                                max_chunks=chunks).perplexity
+    # Same weights, same tokens, same scored positions. What differs: llama.cpp stores K/V in f16
+    # (relative rounding 2^-11 per element), rounds activations to f16 / Q8 for the matmuls
+    # (2^-11 / about 2^-8 relative) and sums in another order; on WikiText-2 (200 chunks) the
+    # two agree within 0.01% for every mix (docs/gguf.md); 0.5% leaves room for other builds and
+    # kernels while still catching a file that llama.cpp computes differently.
+    assert ppl_llama == pytest.approx(ours, rel=0.005), (ppl_llama, ours)
