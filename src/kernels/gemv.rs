@@ -112,6 +112,12 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
 
 /// `out[m, n] = x @ W^T + b` for INT4 weights, `x` f32 in INT4 kernel order.
 pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias: Option<&[f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512() && (m == 1 || std::env::var_os("DX_EXP").is_some()) {
+        // SAFETY: the level was checked by KernelLevel::resolve.
+        unsafe { super::gemv_int4::int4_gemv_avx512(x, m, w, bias, out) };
+        return;
+    }
     let (n, k) = (w.layout.rows, w.layout.cols);
     let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
     for_each_row_block(n, out, |n0, n1, ptr| {
