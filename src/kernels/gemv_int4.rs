@@ -132,6 +132,10 @@ fn tail(w: &Int4Weights, ni: usize, x: &[f32]) -> f32 {
 }
 
 /// `d[r][a] = sum over the full 32-column chunks of W[r] . x[a]`.
+///
+/// Whole groups run with a constant chunk count (straight-line code for every group size: with
+/// a run-time inner loop, the loop control was a large share of the instructions at g32), then
+/// the group cut short by the row's scalar tail, if any.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn tile<const NR: usize, const R: usize, const G: usize>(
     rows: [RowPtr; NR], x: [*const f32; R], k: usize,
@@ -139,33 +143,44 @@ unsafe fn tile<const NR: usize, const R: usize, const G: usize>(
     let full = k / 32 * 32;
     let ramp = RAMP.as_ptr().add(15);
     let mut acc = [[[_mm512_setzero_ps(); 2]; R]; NR];
-    let mut c = 0;
-    let mut gi = 0;
-    while c < full {
-        // the last group may end inside the row's scalar tail
-        let end = (c + G).min(full);
+    let table = |gi: usize| {
         let mut tab = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
             let z = *rows[r].zeros.add(gi) as usize;
             tab[r] = _mm512_mul_ps(_mm512_loadu_ps(ramp.sub(z)), _mm512_set1_ps(*rows[r].scales.add(gi)));
         }
-        while c < end {
-            let mut xv = [[_mm512_setzero_ps(); 2]; R];
+        tab
+    };
+    let chunk = |c: usize, tab: &[__m512; NR], acc: &mut [[[__m512; 2]; R]; NR]| {
+        let mut xv = [[_mm512_setzero_ps(); 2]; R];
+        for a in 0..R {
+            xv[a] = [_mm512_loadu_ps(x[a].add(c)), _mm512_loadu_ps(x[a].add(c + 16))];
+        }
+        for r in 0..NR {
+            // byte j of the chunk -> dword lane j; vpermps reads only its low 4 bits (the low nibble)
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rows[r].packed.add(c / 2).cast()));
+            let lo = _mm512_permutexvar_ps(v, tab[r]);
+            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), tab[r]);
             for a in 0..R {
-                xv[a] = [_mm512_loadu_ps(x[a].add(c)), _mm512_loadu_ps(x[a].add(c + 16))];
+                acc[r][a][0] = _mm512_fmadd_ps(lo, xv[a][0], acc[r][a][0]);
+                acc[r][a][1] = _mm512_fmadd_ps(hi, xv[a][1], acc[r][a][1]);
             }
-            for r in 0..NR {
-                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rows[r].packed.add(c / 2).cast()));
-                let lo = _mm512_permutexvar_ps(v, tab[r]);
-                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), tab[r]);
-                for a in 0..R {
-                    acc[r][a][0] = _mm512_fmadd_ps(lo, xv[a][0], acc[r][a][0]);
-                    acc[r][a][1] = _mm512_fmadd_ps(hi, xv[a][1], acc[r][a][1]);
-                }
-            }
+        }
+    };
+    let whole = full / G;
+    for gi in 0..whole {
+        let tab = table(gi);
+        for q in 0..G / 32 {
+            chunk(gi * G + 32 * q, &tab, &mut acc);
+        }
+    }
+    if whole * G < full {
+        let tab = table(whole);
+        let mut c = whole * G;
+        while c < full {
+            chunk(c, &tab, &mut acc);
             c += 32;
         }
-        gi += 1;
     }
     let mut out = [[0f32; R]; NR];
     for r in 0..NR {

@@ -339,6 +339,7 @@ mod tests {
         for &(m, n, k) in &[
             (1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7), (1, 70, 31),
             (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257), (300, 5, 40), (20, 3, 0), (1, 9, 4133), (3, 6, 8200), (1, 4, 9000), (2, 3, 70001),
+            (1, 13, 100), (1, 6, 544), (1, 11, 14336 + 96), (8, 7, 608), (15, 5, 96), (1, 3, 32), (1, 5, 257),
         ] {
             let x = data(m * k, 1);
             let wf = data(n * k, 2);
@@ -359,7 +360,9 @@ mod tests {
                 let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
                 check(&x, m, &w8, Some(&bias));
                 check_act(Act::Bf16(&xb), &xbf, m, &w8, None);
-                for g in [32, 128] {
+                // every group size; k = 100 / 257 / 4133 / 8200 end inside a group, n = 5 / 7 / 9 / 13
+                // leave rows past the last four-row tile
+                for g in [32, 64, 128, 256] {
                     let layout = Int4Layout::new(n, k, g).unwrap();
                     let q4 = int4::quantize(&wf, layout, sym, KernelLevel::detect()).unwrap();
                     let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
