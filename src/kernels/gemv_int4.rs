@@ -28,12 +28,14 @@ use super::linear::{for_each_row_block, Int4Weights};
 /// Weight rows per batch-1 tile.
 const NR1: usize = 4;
 
-/// `RAMP[15 + i] = i` for i in -15..=15: `RAMP[15 - zp..]` is the vector `[0 - zp, .., 15 - zp]`.
-static RAMP: [f32; 31] = {
-    let mut r = [0f32; 31];
+/// `RAMP[255 + i] = i` for i in -255..=15: `RAMP[255 - zp..][..16]` is `[0 - zp, .., 15 - zp]`.
+/// Covers every u8 zero point: the format keeps them in 0..=15, but `Int4Weights` does not
+/// check that, and a larger one must not read outside the table.
+static RAMP: [f32; 271] = {
+    let mut r = [0f32; 271];
     let mut i = 0;
-    while i < 31 {
-        r[i] = i as f32 - 15.0;
+    while i < 271 {
+        r[i] = i as f32 - 255.0;
         i += 1;
     }
     r
@@ -147,7 +149,7 @@ unsafe fn tile<const NR: usize, const R: usize, const G: usize, const PREFETCH: 
 ) -> [[f32; R]; NR] {
     let full = k / 32 * 32;
     let (rb, ng) = (k.div_ceil(2), k.div_ceil(G));
-    let ramp = RAMP.as_ptr().add(15);
+    let ramp = RAMP.as_ptr().add(255);
     let mut acc = [[[_mm512_setzero_ps(); 2]; R]; NR];
     let table = |gi: usize| {
         let mut tab = [_mm512_setzero_ps(); NR];

@@ -373,6 +373,21 @@ mod tests {
         }
     }
 
+    /// Zero points outside the format's 0..=15 (possible through `Int4Weights::new`, which checks
+    /// lengths only) give the same result as the reference at every level.
+    #[test]
+    fn int4_out_of_range_zero_points() {
+        for &(m, n, k, g) in &[(1, 9, 100, 32), (3, 5, 256, 64), (1, 8, 512, 128), (2, 4, 300, 256)] {
+            let x = data(m * k, 6);
+            let layout = Int4Layout::new(n, k, g).unwrap();
+            let packed: Vec<u8> = data(n * layout.row_bytes(), 7).iter().map(|v| (v.abs() * 255.0) as u8).collect();
+            let scales: Vec<f32> = data(n * layout.groups(), 8).iter().map(|v| v * 0.01).collect();
+            let zeros: Vec<u8> = (0..n * layout.groups()).map(|i| [0u8, 15, 16, 255, 8, 200][i % 6]).collect();
+            let w4 = Int4Weights::new(layout, &packed, &scales, &zeros).unwrap();
+            check(&x, m, &w4, None);
+        }
+    }
+
     /// The portable fallbacks of the fused kernels (reached only through a direct call).
     #[test]
     fn fused_kernels_scalar_fallback() {
