@@ -31,8 +31,11 @@ fn linear_benches(c: &mut Criterion) {
     let q8 = int8::quantize(&wf, n, k, true, level).unwrap();
     let layout = Int4Layout::new(n, k, 32).unwrap();
     let q4 = int4::quantize(&wf, layout, false, level).unwrap();
+    let layout128 = Int4Layout::new(n, k, 128).unwrap();
+    let q4b = int4::quantize(&wf, layout128, false, level).unwrap();
     let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
     let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
+    let w4b = Int4Weights::new(layout128, &q4b.packed, &q4b.scales, &q4b.zeros).unwrap();
     let wff = F32Weights::new(&wf, n, k).unwrap();
     for m in [1usize, 64] {
         let mut g = c.benchmark_group(format!("linear_{n}x{k}_m{m}"));
@@ -42,6 +45,7 @@ fn linear_benches(c: &mut Criterion) {
         g.bench_function("f32_weights", |b| b.iter(|| linear(black_box(&x), m, &wff, None, &mut out, level).unwrap()));
         g.bench_function("int8", |b| b.iter(|| linear(black_box(&x), m, &w8, None, &mut out, level).unwrap()));
         g.bench_function("int4_g32", |b| b.iter(|| linear(black_box(&x), m, &w4, None, &mut out, level).unwrap()));
+        g.bench_function("int4_g128", |b| b.iter(|| linear(black_box(&x), m, &w4b, None, &mut out, level).unwrap()));
         let mut xq = vec![0i8; m * k];
         let mut xs = vec![0f32; m];
         for lv in KernelLevel::available().into_iter().filter(|l| *l != KernelLevel::Scalar) {
@@ -51,6 +55,46 @@ fn linear_benches(c: &mut Criterion) {
                     linear_w8a8(&xq, &xs, &q8.q, &q8.scales, &q8.zero_points, k, None, &mut out, *lv).unwrap()
                 })
             });
+        }
+        g.finish();
+    }
+}
+
+/// The weight-only GEMV (batch 1 and 8) on the three Llama shapes, next to a copy of 64 MiB
+/// (read + written bytes / time is the copy bandwidth the GEMV's weight bytes / time is compared to).
+fn gemv_benches(c: &mut Criterion) {
+    let level = KernelLevel::detect();
+    let mut g = c.benchmark_group("gemv_copy");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let src = vec![1u8; 64 << 20];
+    let mut dst = vec![0u8; 64 << 20];
+    g.throughput(Throughput::Bytes(2 * src.len() as u64));
+    g.bench_function("copy_64MiB", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+    g.finish();
+    // (out n, in k): nn.Linear(4096, 4096), nn.Linear(4096, 14336), nn.Linear(14336, 4096)
+    for (n, k) in [(4096usize, 4096usize), (14336, 4096), (4096, 14336)] {
+        let wf = data(n * k, 1);
+        let q8 = int8::quantize(&wf, n, k, true, level).unwrap();
+        let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
+        let mut g = c.benchmark_group(format!("gemv_{k}x{n}"));
+        g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+        for m in [1usize, 8] {
+            let x = data(m * k, 2);
+            let mut out = vec![0f32; m * n];
+            if m == 1 {
+                g.throughput(Throughput::Bytes((n * k) as u64));
+                g.bench_function("int8_m1", |b| b.iter(|| linear(black_box(&x), m, &w8, None, &mut out, level).unwrap()));
+            }
+            for group in [32, 128] {
+                let layout = Int4Layout::new(n, k, group).unwrap();
+                let q4 = int4::quantize(&wf, layout, false, level).unwrap();
+                let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
+                // weight bytes incl. scales and zero points, as bench_linear.py counts them
+                g.throughput(Throughput::Bytes((q4.packed.len() + q4.scales.len() * 5) as u64));
+                g.bench_function(format!("int4_g{group}_m{m}"), |b| {
+                    b.iter(|| linear(black_box(&x), m, &w4, None, &mut out, level).unwrap())
+                });
+            }
         }
         g.finish();
     }
@@ -78,5 +122,5 @@ fn quantize_benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, linear_benches, quantize_benches);
+criterion_group!(benches, linear_benches, gemv_benches, quantize_benches);
 criterion_main!(benches);

@@ -6,6 +6,8 @@
 //! INT4: per group `scale_g * sum x * (u - zp_g)`; activations arrive in the INT4 kernel order
 //! (`act::to_int4_order`) so the low and the high nibbles of 16 bytes meet 16 contiguous
 //! activations each. Columns past the last full 32-column chunk are summed in scalar code.
+//! The AVX-512 INT4 GEMV lives in `gemv_int4.rs` (table decode, four weight rows per pass at
+//! batch 1); this file keeps the AVX2 and portable INT4 loops.
 
 
 use super::linear::{for_each_row_block, Int4Weights, Int8Weights};
@@ -112,6 +114,13 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
 
 /// `out[m, n] = x @ W^T + b` for INT4 weights, `x` f32 in INT4 kernel order.
 pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias: Option<&[f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512() {
+        // table decode, several weight rows per activation load at batch 1 (gemv_int4.rs)
+        // SAFETY: the level was checked by KernelLevel::resolve.
+        unsafe { super::gemv_int4::int4_gemv_avx512(x, m, w, bias, out) };
+        return;
+    }
     let (n, k) = (w.layout.rows, w.layout.cols);
     let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
     for_each_row_block(n, out, |n0, n1, ptr| {
@@ -240,9 +249,7 @@ fn int4_rows(level: KernelLevel, w: &Int4Row, x: &[f32], rows: usize, d: &mut [f
                 return;
             }};
         }
-        if level.has_avx512() {
-            go!(int4_dot_avx512)
-        }
+        // AVX-512 never gets here: int4_gemv hands it to gemv_int4.rs
         if level.has_avx2_only() {
             go!(int4_dot_avx2)
         }
@@ -387,114 +394,6 @@ unsafe fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     _mm_cvtss_f32(s)
-}
-
-/// INT4 row (full chunks only) against `R` rows in INT4 order. Groups alternate between two
-/// accumulator chains so the per-group scale multiply does not serialize small groups.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn int4_dot_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R]) -> [f32; R] {
-    let full = w.full();
-    let mask = _mm512_set1_epi32(0x0f);
-    // u | 0x4b000000 is the float 2^23 + u; subtracting 2^23 + zp gives u - zp exactly, so a
-    // nibble becomes a float in two instructions (ternary-logic and-or, subtract)
-    let magic = _mm512_set1_epi32(0x4b00_0000);
-    let p = w.packed.as_ptr();
-    // sum over one group's full chunks, scaled
-    let group_sum = |gi: usize, acc: &mut [__m512; R]| {
-        let start = gi * w.group;
-        let end = (start + w.group).min(full);
-        let z = _mm512_set1_ps(8388608.0 + *w.zeros.get_unchecked(gi) as f32);
-        let mut t = [[_mm512_setzero_ps(); 2]; R];
-        let mut c = start;
-        while c < end {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
-            let lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(v, mask, magic)), z);
-            let hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), z);
-            for r in 0..R {
-                t[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[r].add(c)), t[r][0]);
-                t[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(c + 16)), t[r][1]);
-            }
-            c += 32;
-        }
-        let s = _mm512_set1_ps(*w.scales.get_unchecked(gi));
-        for r in 0..R {
-            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(t[r][0], t[r][1]), s, acc[r]);
-        }
-    };
-    let groups = w.simd_groups();
-    if w.group == 32 {
-        return int4_g32_avx512(w, x, groups);
-    }
-    let mut a0 = [_mm512_setzero_ps(); R];
-    let mut a1 = [_mm512_setzero_ps(); R];
-    let (mut gi, groups) = (groups.start, groups.end);
-    while gi + 2 <= groups {
-        group_sum(gi, &mut a0);
-        group_sum(gi + 1, &mut a1);
-        gi += 2;
-    }
-    if gi < groups {
-        group_sum(gi, &mut a0);
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-    }
-    out
-}
-
-/// Group size 32: one chunk per group, so the per-group bookkeeping is most of the work. The
-/// zero points are turned into floats 256 groups at a time, and four groups are interleaved
-/// per iteration with straight-line code.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn int4_g32_avx512<const R: usize>(w: &Int4Row, x: [*const f32; R], groups: std::ops::Range<usize>) -> [f32; R] {
-    const ZBLOCK: usize = 256;
-    let (g0, g1) = (groups.start, groups.end);
-    let mut zf = [0f32; ZBLOCK];
-    let mask = _mm512_set1_epi32(0x0f);
-    let magic = _mm512_set1_epi32(0x4b00_0000);
-    let p = w.packed.as_ptr();
-    let sc = w.scales.as_ptr();
-    let one = |gi: usize, zb: usize, zf: &[f32; ZBLOCK], acc: &mut [__m512; R]| {
-        let c = gi * 32;
-        let z = _mm512_set1_ps(*zf.get_unchecked(gi - zb));
-        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(c / 2).cast()));
-        let lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(v, mask, magic)), z);
-        let hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), z);
-        let s = _mm512_set1_ps(*sc.add(gi));
-        for r in 0..R {
-            let t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[r].add(c + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(x[r].add(c))));
-            acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
-        }
-    };
-    let mut a = [[_mm512_setzero_ps(); R]; 4];
-    let mut zb = g0;
-    while zb < g1 {
-        let ze = (zb + ZBLOCK).min(g1);
-        for (d, z) in zf.iter_mut().zip(&w.zeros[zb..ze]) {
-            *d = 8388608.0 + *z as f32;
-        }
-        let mut gi = zb;
-        while gi + 4 <= ze {
-            one(gi, zb, &zf, &mut a[0]);
-            one(gi + 1, zb, &zf, &mut a[1]);
-            one(gi + 2, zb, &zf, &mut a[2]);
-            one(gi + 3, zb, &zf, &mut a[3]);
-            gi += 4;
-        }
-        while gi < ze {
-            one(gi, zb, &zf, &mut a[0]);
-            gi += 1;
-        }
-        zb = ze;
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][r], a[1][r]), _mm512_add_ps(a[2][r], a[3][r])));
-    }
-    out
 }
 
 #[cfg(target_arch = "x86_64")]

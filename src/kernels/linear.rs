@@ -341,6 +341,7 @@ mod tests {
         for &(m, n, k) in &[
             (1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7), (1, 70, 31),
             (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257), (300, 5, 40), (20, 3, 0), (1, 9, 4133), (3, 6, 8200), (1, 4, 9000), (2, 3, 70001),
+            (1, 13, 100), (1, 6, 544), (1, 11, 14336 + 96), (8, 7, 608), (15, 5, 96), (1, 3, 32), (1, 5, 257),
         ] {
             let x = data(m * k, 1);
             let wf = data(n * k, 2);
@@ -361,7 +362,9 @@ mod tests {
                 let w8 = Int8Weights::new(&q8.q, &q8.scales, &q8.zero_points, k).unwrap();
                 check(&x, m, &w8, Some(&bias));
                 check_act(Act::Bf16(&xb), &xbf, m, &w8, None);
-                for g in [32, 128] {
+                // every group size; k = 100 / 257 / 4133 / 8200 end inside a group, n = 5 / 7 / 9 / 13
+                // leave rows past the last four-row tile
+                for g in [32, 64, 128, 256] {
                     let layout = Int4Layout::new(n, k, g).unwrap();
                     let q4 = int4::quantize(&wf, layout, sym, KernelLevel::detect()).unwrap();
                     let w4 = Int4Weights::new(layout, &q4.packed, &q4.scales, &q4.zeros).unwrap();
@@ -369,6 +372,21 @@ mod tests {
                     check_act(Act::Bf16(&xb), &xbf, m, &w4, Some(&bias));
                 }
             }
+        }
+    }
+
+    /// Zero points outside the format's 0..=15 (possible through `Int4Weights::new`, which checks
+    /// lengths only) give the same result as the reference at every level.
+    #[test]
+    fn int4_out_of_range_zero_points() {
+        for &(m, n, k, g) in &[(1, 9, 100, 32), (3, 5, 256, 64), (1, 8, 512, 128), (2, 4, 300, 256)] {
+            let x = data(m * k, 6);
+            let layout = Int4Layout::new(n, k, g).unwrap();
+            let packed: Vec<u8> = data(n * layout.row_bytes(), 7).iter().map(|v| (v.abs() * 255.0) as u8).collect();
+            let scales: Vec<f32> = data(n * layout.groups(), 8).iter().map(|v| v * 0.01).collect();
+            let zeros: Vec<u8> = (0..n * layout.groups()).map(|i| [0u8, 15, 16, 255, 8, 200][i % 6]).collect();
+            let w4 = Int4Weights::new(layout, &packed, &scales, &zeros).unwrap();
+            check(&x, m, &w4, None);
         }
     }
 

@@ -14,6 +14,8 @@ pub mod dot;
 pub mod gemm;
 #[allow(clippy::needless_range_loop)]
 pub mod gemv;
+#[allow(clippy::needless_range_loop)]
+mod gemv_int4;
 pub(crate) mod ggml_rtn;
 pub mod linear;
 pub(crate) mod quantize;
