@@ -65,7 +65,7 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
         // batch 1, wide rows: four weight rows per pass share every activation load (an
         // activation row over 16 KiB lives in L2, and reloading it once per weight row was the
         // bottleneck); narrower rows stay in L1 and the one-row kernel is faster there
-        for_each_row_block(n, out, |n0, n1, ptr| {
+        for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
             let mut ni = n0;
             while ni < n1 {
                 let cnt = 4.min(n1 - ni);
@@ -99,7 +99,7 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
         });
         return;
     }
-    for_each_row_block(n, out, |n0, n1, ptr| {
+    for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         blocked(
             m, k, n0, n1,
             |ni, c0, c1, mi, rows, d| {
@@ -123,7 +123,7 @@ pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias:
     }
     let (n, k) = (w.layout.rows, w.layout.cols);
     let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
-    for_each_row_block(n, out, |n0, n1, ptr| {
+    for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         blocked(
             m, k, n0, n1,
             |ni, c0, c1, mi, rows, d| {

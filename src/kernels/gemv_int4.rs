@@ -75,7 +75,7 @@ unsafe fn by_group<const G: usize>(x: &[f32], m: usize, w: &Int4Weights, bias: O
         scales: w.scales.as_ptr().add(ni * g),
         zeros: w.zeros.as_ptr().add(ni * g),
     };
-    for_each_row_block(n, out, |n0, n1, ptr| {
+    for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         let xp = x.as_ptr();
         // SAFETY (whole closure): rows n0..n1 exist; each output element is written by this task alone.
         let put = |ni: usize, mi: usize, v: f32| {

@@ -209,7 +209,7 @@ pub fn linear_act<D: RowDecoder>(
     }
     let xf = x.to_f32(m, k, false);
     let x: &[f32] = &xf;
-    for_each_row_block(n, out, |n0, n1, ptr| {
+    for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         let mut buf = vec![0f32; ROWS * k];
         let mut j = n0;
         while j < n1 {
@@ -227,13 +227,23 @@ pub fn linear_act<D: RowDecoder>(
     Ok(())
 }
 
+/// Below this many multiply-adds a call runs on the calling thread. Handing tasks to the rayon
+/// pool and waiting for them costs a thread wake-up whenever the workers have gone to sleep,
+/// which in a model forward (torch ops between our layers) is every call: measured 40-100 us on
+/// a 2-vCPU VM for a 512x256 INT8 GEMV that takes ~15 us of compute. 2^18 multiply-adds is
+/// ~10-25 us on one core.
+pub(crate) const SERIAL_WORK: usize = 1 << 18;
+
 /// Split the `n` rows of `W` into blocks (a multiple of `ROWS`, enough to balance across the
-/// rayon threads) and run `f(n0, n1, out)` on each in parallel. `f` may write only output
-/// columns `n0..n1`.
-pub(crate) fn for_each_row_block(n: usize, out: &mut [f32], f: impl Fn(usize, usize, OutPtr) + Sync) {
+/// rayon threads) and run `f(n0, n1, out)` on each, in parallel unless the call's `work`
+/// (multiply-adds) is under `SERIAL_WORK`. `f` may write only output columns `n0..n1`.
+pub(crate) fn for_each_row_block(n: usize, out: &mut [f32], work: usize, f: impl Fn(usize, usize, OutPtr) + Sync) {
+    let ptr = OutPtr(out.as_mut_ptr());
+    if work < SERIAL_WORK {
+        return f(0, n, ptr);
+    }
     let threads = rayon::current_num_threads().max(1);
     let per_task = n.div_ceil(threads * 8).next_multiple_of(ROWS).clamp(ROWS, 256);
-    let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
         // rebinding moves the whole `OutPtr` (Send) into the closure, not its raw-pointer field
         #[allow(clippy::redundant_locals)]

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::act::Act;
-use super::linear::{for_each_row_block, OutPtr};
+use super::linear::{for_each_row_block, OutPtr, SERIAL_WORK};
 use super::vnni::dot_block;
 use super::{dispatch, KernelLevel};
 use crate::error::{check_len, Error, Result};
@@ -46,7 +46,7 @@ pub fn quantize_activations_act(
         scales.iter_mut().for_each(|s| *s = static_scale.unwrap_or(1.0));
         return Ok(());
     }
-    q.par_chunks_mut(k).zip(scales.par_iter_mut()).enumerate().for_each(|(mi, (qr, s))| {
+    let row = |(mi, (qr, s)): (usize, (&mut [i8], &mut f32))| {
         let mut buf = Vec::new();
         let xr: &[f32] = match x {
             Act::F32(x) => &x[mi * k..(mi + 1) * k],
@@ -62,7 +62,13 @@ pub fn quantize_activations_act(
         });
         *s = sc;
         quantize_row(level, xr, qr, sc);
-    });
+    };
+    // a decode step (one row) is microseconds of work: not worth a trip through the thread pool
+    if m * k < SERIAL_WORK {
+        q.chunks_mut(k).zip(scales.iter_mut()).enumerate().for_each(row);
+    } else {
+        q.par_chunks_mut(k).zip(scales.par_iter_mut()).enumerate().for_each(row);
+    }
     Ok(())
 }
 
@@ -130,7 +136,7 @@ pub fn linear_w8a8(
         return Ok(());
     }
     let xsum: Vec<i32> = (0..m).map(|mi| xq[mi * k..(mi + 1) * k].iter().map(|v| *v as i32).sum()).collect();
-    for_each_row_block(n, out, |n0, n1, ptr: OutPtr| {
+    for_each_row_block(n, out, m * n * k, |n0, n1, ptr: OutPtr| {
         dot_block(level, xq, &xsum, m, k, wq, n0, n1, |mi, ni, dot| {
             let acc = dot.wrapping_sub((w_zero[ni] as i32).wrapping_mul(xsum[mi]));
             let b = bias.map_or(0.0, |b| b[ni]);
