@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..gguf.imatrix import atomic_write
+from .._io import atomic_write
 from .collect import ActivationStats, CollectedStats, StatsHooks
 from .dataset import CalibrationDataset, run_batch
 

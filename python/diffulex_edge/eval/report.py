@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..quant.serialization import _atomic_write
+from .._io import atomic_write
 
 
 @dataclass
@@ -207,4 +207,4 @@ def _write_text(path: str, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic_write(os.fspath(path), write)
+    atomic_write(os.fspath(path), write)

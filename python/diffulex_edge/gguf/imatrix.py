@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Union
 
 import numpy as np
 
 from ..errors import CorruptFileError
+from .._io import atomic_write
 from .file import GGUFFile, GGUFWriter, ValueType
 
 PathLike = Union[str, os.PathLike]
@@ -116,20 +116,6 @@ def load_imatrix(path: PathLike) -> Dict[str, np.ndarray]:
     """Load a llama.cpp imatrix (GGUF or legacy .dat) as `{tensor name: importance per column}`."""
     f = read_imatrix(path)
     return {k: (e.sum_sq / e.count if e.count > 0 else e.sum_sq).astype(np.float32) for k, e in f.entries.items()}
-
-
-def atomic_write(path: PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the temporary file onto `path` (nothing half-written)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_imatrix(path: PathLike, imatrix: ImatrixFile, fmt: str = "gguf") -> None:

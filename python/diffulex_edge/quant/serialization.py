@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Union
 
 import torch
 from torch import nn
 
 from .. import __version__
+from .._io import atomic_write
 from ..errors import CorruptFileError, ShapeError, UnsupportedFormatError
 from .nn import QuantizedLinear
 from .walk import _set_module
 
 FORMAT_TAG = "diffulex-edge/quantized-model/1"
 PathLike = Union[str, os.PathLike]
-
-
-def _atomic_write(path: PathLike, write) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_safetensors(path: PathLike) -> bool:
@@ -53,10 +39,10 @@ def save_quantized(model: nn.Module, path: PathLike) -> None:
     if _is_safetensors(path):
         from safetensors.torch import save_model
 
-        _atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"diffulex_edge": json.dumps(meta)}))
+        atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"diffulex_edge": json.dumps(meta)}))
     else:
         payload = {"diffulex_edge": meta, "state_dict": model.state_dict()}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _read_meta_safetensors(path: str) -> Dict[str, Any]:
