@@ -1,7 +1,7 @@
 //! pyo3 bindings for calibration statistics (`crate::calib`) and the importance-weighted INT4
 //! quantizer. Argument extraction and GIL release only; state lives in caller-owned numpy arrays.
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::errors::{detached, to_py};
@@ -103,12 +103,7 @@ fn quantize_int4_weighted<'py>(
             int4_weighted::quantize_weighted(ws, layout, symmetric, imp)
         }
     })?;
-    let g = layout.groups();
-    Ok((
-        PyArray1::from_vec(py, m.packed).reshape([rows, layout.row_bytes()])?.into_any(),
-        PyArray1::from_vec(py, m.scales).reshape([rows, g])?.into_any(),
-        PyArray1::from_vec(py, m.zeros).reshape([rows, g])?.into_any(),
-    ))
+    super::int4_arrays(py, m, layout)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

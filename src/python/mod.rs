@@ -137,7 +137,13 @@ fn quantize_int4<'py>(py: Python<'py>, w: PyReadonlyArray2<'py, f32>, group_size
         log::debug!("quantize_int4 {rows}x{cols} g{group_size} symmetric={symmetric} kernel={}", lv.name());
         int4::quantize(ws, layout, symmetric, lv)
     })?;
-    let g = layout.groups();
+    int4_arrays(py, m, layout)
+}
+
+/// An `Int4Matrix` as numpy arrays: packed [rows, row_bytes] u8, scales [rows, groups] f32,
+/// zeros [rows, groups] u8 (moved, not copied).
+pub(crate) fn int4_arrays<'py>(py: Python<'py>, m: int4::Int4Matrix, layout: int4::Int4Layout) -> PyResult<Int4Out<'py>> {
+    let (rows, g) = (layout.rows, layout.groups());
     Ok((
         PyArray1::from_vec(py, m.packed).reshape([rows, layout.row_bytes()])?.into_any(),
         PyArray1::from_vec(py, m.scales).reshape([rows, g])?.into_any(),
