@@ -115,6 +115,40 @@ fn rtn_affine(x: &[f32], nmax: f32) -> (f32, f32, [i32; 32]) {
     (d, lo, l)
 }
 
+// Block writers shared by the search and the round-to-nearest quantizers: `l` are the unsigned
+// codes (Q4: 0..15, Q5: 0..31; the high bit of a Q5 code goes to `qh`).
+#[inline(always)]
+fn store_q4_0(d: f32, l: &[i32; 32], out: &mut [u8]) {
+    let b: &mut BlockQ4_0 = block_mut(out);
+    b.d = f16_bits(d);
+    pack_nibbles(l, &mut b.qs);
+}
+
+#[inline(always)]
+fn store_q4_1(d: f32, m: f32, l: &[i32; 32], out: &mut [u8]) {
+    let b: &mut BlockQ4_1 = block_mut(out);
+    b.d = f16_bits(d);
+    b.m = f16_bits(m);
+    pack_nibbles(l, &mut b.qs);
+}
+
+#[inline(always)]
+fn store_q5_0(d: f32, l: &[i32; 32], out: &mut [u8]) {
+    let b: &mut BlockQ5_0 = block_mut(out);
+    b.d = f16_bits(d);
+    b.qh = pack_high_bits(l);
+    pack_nibbles(l, &mut b.qs);
+}
+
+#[inline(always)]
+fn store_q5_1(d: f32, m: f32, l: &[i32; 32], out: &mut [u8]) {
+    let b: &mut BlockQ5_1 = block_mut(out);
+    b.d = f16_bits(d);
+    b.m = f16_bits(m);
+    b.qh = pack_high_bits(l);
+    pack_nibbles(l, &mut b.qs);
+}
+
 pub struct Q4_0;
 impl BlockFormat for Q4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
@@ -124,17 +158,13 @@ impl BlockFormat for Q4_0 {
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (d, l) = quantize_sym_block(x, imp, 8, NTRY_4BIT);
-        let b: &mut BlockQ4_0 = block_mut(out);
-        b.d = f16_bits(d);
-        pack_nibbles(&l, &mut b.qs);
+        store_q4_0(d, &l, out);
     }
 
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {
         let (d, l) = rtn_sym(x, 8.0, 15);
-        let b: &mut BlockQ4_0 = block_mut(out);
-        b.d = f16_bits(d);
-        pack_nibbles(&l, &mut b.qs);
+        store_q4_0(d, &l, out);
     }
 
     #[inline(always)]
@@ -157,19 +187,13 @@ impl BlockFormat for Q4_1 {
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (d, mn, l) = quantize_affine_block(x, imp, 15, NTRY_4BIT);
-        let b: &mut BlockQ4_1 = block_mut(out);
-        b.d = f16_bits(d);
-        b.m = f16_bits(mn);
-        pack_nibbles(&l, &mut b.qs);
+        store_q4_1(d, mn, &l, out);
     }
 
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {
         let (d, mn, l) = rtn_affine(x, 15.0);
-        let b: &mut BlockQ4_1 = block_mut(out);
-        b.d = f16_bits(d);
-        b.m = f16_bits(mn);
-        pack_nibbles(&l, &mut b.qs);
+        store_q4_1(d, mn, &l, out);
     }
 
     #[inline(always)]
@@ -192,19 +216,13 @@ impl BlockFormat for Q5_0 {
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (d, l) = quantize_sym_block(x, imp, 16, NTRY_5BIT);
-        let b: &mut BlockQ5_0 = block_mut(out);
-        b.d = f16_bits(d);
-        b.qh = pack_high_bits(&l);
-        pack_nibbles(&l, &mut b.qs);
+        store_q5_0(d, &l, out);
     }
 
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {
         let (d, l) = rtn_sym(x, 16.0, 31);
-        let b: &mut BlockQ5_0 = block_mut(out);
-        b.d = f16_bits(d);
-        b.qh = pack_high_bits(&l);
-        pack_nibbles(&l, &mut b.qs);
+        store_q5_0(d, &l, out);
     }
 
     #[inline(always)]
@@ -230,21 +248,13 @@ impl BlockFormat for Q5_1 {
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (d, mn, l) = quantize_affine_block(x, imp, 31, NTRY_5BIT);
-        let b: &mut BlockQ5_1 = block_mut(out);
-        b.d = f16_bits(d);
-        b.m = f16_bits(mn);
-        b.qh = pack_high_bits(&l);
-        pack_nibbles(&l, &mut b.qs);
+        store_q5_1(d, mn, &l, out);
     }
 
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {
         let (d, mn, l) = rtn_affine(x, 31.0);
-        let b: &mut BlockQ5_1 = block_mut(out);
-        b.d = f16_bits(d);
-        b.m = f16_bits(mn);
-        b.qh = pack_high_bits(&l);
-        pack_nibbles(&l, &mut b.qs);
+        store_q5_1(d, mn, &l, out);
     }
 
     #[inline(always)]

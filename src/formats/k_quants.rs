@@ -309,6 +309,20 @@ fn sym_subblocks(x: &[f32], imp: Option<&[f32]>, qmin: i32, qmax: i32) -> [f32; 
     s
 }
 
+/// Q3_K / Q6_K: searched sub-block scales, coded as signed integers (`[-half, half)`) under one
+/// f16 super-scale `d`, then the weights re-rounded against the decoded scales. Returns
+/// `(d, scale codes, weight levels in [qmin, qmax])`.
+#[inline(always)]
+fn sym_super_block(x: &[f32], imp: Option<&[f32]>, qmin: i32, qmax: i32, half: i32) -> (f32, [i32; 16], [i32; QK_K]) {
+    let scales = sym_subblocks(x, imp, qmin, qmax);
+    let (d, sc) = signed_super_codes(&scales, half);
+    let mut l = [0i32; QK_K];
+    for j in 0..16 {
+        sym_levels(&x[16 * j..16 * (j + 1)], d * sc[j] as f32, qmin, qmax, &mut l[16 * j..16 * (j + 1)]);
+    }
+    (d, sc, l)
+}
+
 pub struct Q3K;
 impl BlockFormat for Q3K {
     const TYPE: GgmlType = GgmlType::Q3_K;
@@ -317,12 +331,7 @@ impl BlockFormat for Q3K {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let scales = sym_subblocks(x, imp, -4, 3);
-        let (d, sc) = signed_super_codes(&scales, 32);
-        let mut l = [0i32; QK_K];
-        for j in 0..16 {
-            sym_levels(&x[16 * j..16 * (j + 1)], d * sc[j] as f32, -4, 3, &mut l[16 * j..16 * (j + 1)]);
-        }
+        let (d, sc, l) = sym_super_block(x, imp, -4, 3, 32);
         let b: &mut BlockQ3K = block_mut(out);
         b.hmask = [0; 32];
         b.qs = [0; 64];
@@ -374,12 +383,7 @@ impl BlockFormat for Q6K {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let scales = sym_subblocks(x, imp, -32, 31);
-        let (d, sc) = signed_super_codes(&scales, 128);
-        let mut l = [0i32; QK_K];
-        for j in 0..16 {
-            sym_levels(&x[16 * j..16 * (j + 1)], d * sc[j] as f32, -32, 31, &mut l[16 * j..16 * (j + 1)]);
-        }
+        let (d, sc, l) = sym_super_block(x, imp, -32, 31, 128);
         let b: &mut BlockQ6K = block_mut(out);
         b.ql = [0; 128];
         b.qh = [0; 64];
