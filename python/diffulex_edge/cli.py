@@ -17,6 +17,14 @@ EPILOG = """examples:
 """
 
 
+def _add_eval_text_args(p: argparse.ArgumentParser) -> None:
+    """MODEL_DIR and the held-out text options that `eval` and `compare` share."""
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffulex-quant",
@@ -48,10 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                        "--reference, also KL divergence and top-1 agreement against that model.",
                        epilog="example:\n  diffulex-quant eval OUT --text test.txt --reference MODEL_DIR",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("model_dir", metavar="MODEL_DIR")
-    e.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
-    e.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    _add_eval_text_args(e)
     e.add_argument("--reference", metavar="DIR", help="reference model folder (e.g. the FP32 original)")
     e.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
@@ -60,12 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                        "perplexity, KL, top-1 agreement and CPU latency.",
                        epilog="example:\n  diffulex-quant compare MODEL_DIR --text test.txt --schemes fp16,int8,int4-g32 --html report.html",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model_dir", metavar="MODEL_DIR")
-    c.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
+    _add_eval_text_args(c)
     c.add_argument("--schemes", default="fp32,fp16,int8,w8a8-dynamic,int4-g128,int4-g32",
                    help="comma-separated: fp32 fp16 bf16 int8 w8a8-dynamic w8a8-static int4-gN[-sym] (default: %(default)s)")
-    c.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    c.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
     c.add_argument("--calibration", metavar="TEXT_FILE", help="calibration text (needed by w8a8-static)")
     c.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
