@@ -36,7 +36,9 @@ def _div_const(t: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def _nonzero_scale(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s == 0, torch.ones_like(s), s)
+    """1 for an all-zero range, else at least the smallest normal float32 (src/formats/int8.rs
+    `usable_step`: a subnormal step has too few significant bits for the half-step bound)."""
+    return torch.where(s == 0, torch.ones_like(s), s.clamp(min=torch.finfo(torch.float32).tiny))
 
 
 # ---- INT8 per channel ----------------------------------------------------------------------

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::int8::{round_even_small, row_stats};
+use super::int8::{round_even_small, row_stats, usable_step};
 use crate::error::{check_len, first_non_finite, Error, Result};
 use crate::formats::INT4_GROUP_SIZES;
 use crate::kernels::{dispatch, KernelLevel};
@@ -75,13 +75,11 @@ impl Int4Matrix {
 
 pub(crate) fn group_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, u8)> {
     if symmetric {
-        let s = absmax / 7.5;
-        let s = if s == 0.0 { 1.0 } else { s };
+        let s = usable_step(absmax / 7.5);
         s.is_finite().then_some((s, 8))
     } else {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-        let s = (hi - lo) / 15.0;
-        let s = if s == 0.0 { 1.0 } else { s };
+        let s = usable_step((hi - lo) / 15.0);
         if !s.is_finite() {
             return None;
         }

@@ -45,15 +45,26 @@ pub(crate) fn round_even_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+/// The step a row or group is stored with: 1 for an all-zero range (any step decodes zeros
+/// exactly), and never below the smallest normal float. A subnormal step carries only a few
+/// significant bits, so `absmax / step` could land well past the clamp limit and the error
+/// exceed half a step; with the floor, weights that small all decode within half a step.
+#[inline(always)]
+pub(crate) fn usable_step(s: f32) -> f32 {
+    if s == 0.0 {
+        1.0
+    } else {
+        s.max(f32::MIN_POSITIVE)
+    }
+}
+
 pub(crate) fn row_params(lo: f32, hi: f32, absmax: f32, symmetric: bool) -> Option<(f32, i8)> {
     if symmetric {
-        let s = absmax / 127.5;
-        let s = if s == 0.0 { 1.0 } else { s };
+        let s = usable_step(absmax / 127.5);
         s.is_finite().then_some((s, 0))
     } else {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-        let s = (hi - lo) / 255.0;
-        let s = if s == 0.0 { 1.0 } else { s };
+        let s = usable_step((hi - lo) / 255.0);
         if !s.is_finite() {
             return None;
         }

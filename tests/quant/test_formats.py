@@ -320,3 +320,20 @@ def test_ops_wrappers_attach_the_layer_name_once():
     with pytest.raises(ShapeError) as e:
         _ops.with_layer(named, "outer")
     assert e.value.layer == "inner"
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_subnormal_weights_keep_the_half_step_bound(symmetric):
+    # found by hypothesis: absmax / 127.5 of a subnormal row is a subnormal step with a few
+    # significant bits, and w / step overshot the clamp; steps are floored at the smallest normal
+    tiny = torch.finfo(torch.float32).tiny
+    w = torch.tensor([[3.0646e-42, -1.0e-44, 0.0, 2.0e-40], [tiny * 3.0, -tiny, tiny / 7, 0.0]], dtype=torch.float32)
+    q, s, z = native_int8(w, symmetric)
+    assert bool((s >= tiny).all())
+    deq = torch.from_numpy(_native.dequantize_int8(q.numpy(), s.numpy(), z.numpy()))
+    assert bool(((w.double() - deq.double()).abs() <= quant_bound(w, s[:, None].expand_as(w))).all())
+    p, s4, z4 = native_int4(torch.cat([w] * 8, dim=1), 32, symmetric)
+    assert bool((s4 >= tiny).all())
+    deq4 = torch.from_numpy(_native.dequantize_int4(p.numpy(), s4.numpy(), z4.numpy(), 32, 32))
+    w4 = torch.cat([w] * 8, dim=1)
+    assert bool(((w4.double() - deq4.double()).abs() <= quant_bound(w4, s4.repeat_interleave(32, dim=1))).all())
