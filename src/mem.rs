@@ -10,6 +10,14 @@ pub(crate) fn zeroed_vec<T: Copy + Default>(n: usize) -> Vec<T> {
     v
 }
 
+/// An empty `Vec` with room for `n` elements (not initialised, not touched: the pages are mapped
+/// by whichever thread first writes them), backed by huge pages where the OS allows it.
+pub(crate) fn uninit_vec<T>(n: usize) -> Vec<T> {
+    let v = Vec::with_capacity(n);
+    advise_huge(v.as_ptr() as usize, n * std::mem::size_of::<T>());
+    v
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     const HUGE: usize = 2 << 20;

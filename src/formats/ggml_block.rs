@@ -321,11 +321,14 @@ pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
 ) -> Result<Vec<u8>> {
     debug_assert_eq!(kind.block_bytes(), F::BYTES);
     let row_bytes = check_quantize_args::<F>(x, rows, cols, None, QuantMode::Rtn, false)?;
-    let mut out = crate::mem::zeroed_vec::<u8>(rows * row_bytes);
+    let n = rows * row_bytes;
+    // Not zeroed: the row kernels write every byte, and zeroing would be a serial pass over the
+    // whole output on the calling thread before the parallel work (first touch of every page).
+    let mut out = crate::mem::uninit_vec::<u8>(n);
     if row_bytes == 0 {
         return Ok(out);
     }
-    let row = |xr: &[f32], o: &mut [u8]| -> bool {
+    let row = |xr: &[f32], o: &mut [std::mem::MaybeUninit<u8>]| -> bool {
         // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which check the CPU.
         unsafe {
             if level.has_avx512() {
@@ -337,13 +340,16 @@ pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
     };
     // ~64 KiB of input per task: few enough tasks that scheduling is noise, enough to balance
     let rows_per_task = (16384 / cols.max(1)).max(1);
-    let finite = out
+    let finite = out.spare_capacity_mut()[..n]
         .par_chunks_mut(row_bytes * rows_per_task)
         .zip(x.par_chunks(cols * rows_per_task))
         .all(|(o, xr)| o.chunks_mut(row_bytes).zip(xr.chunks(cols)).fold(true, |ok, (ob, xb)| row(xb, ob) & ok));
     if !finite {
         return Err(first_non_finite(x, cols).unwrap_or_else(|| Error::InvalidArgument("non-finite weight".into())));
     }
+    // SAFETY: every row kernel ran (`all` only stops early on a `false`, which returned above)
+    // and wrote all `row_bytes` bytes of its row.
+    unsafe { out.set_len(n) };
     Ok(out)
 }
 
