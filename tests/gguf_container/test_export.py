@@ -223,3 +223,69 @@ def test_load_gguf_weights_inverts_export(tmp_path, tie):
     np.testing.assert_array_equal(w, GGUFFile.read(p).tensor("blk.1.ffn_down.weight"))
     with pytest.raises(UnsupportedFormatError):
         load_gguf_weights(torch.nn.Linear(2, 2), p)
+
+
+def rope_llama(rope, theta=10000.0):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      rope_scaling={**rope, "rope_theta": theta}, rope_theta=theta)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("theta,orig", [(10000.0, 256), (500000.0, 8192)])
+def test_llama3_rope_factors_match_transformers(tmp_path, theta, orig):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": orig}
+    model = rope_llama(rope, theta)
+    p = tmp_path / "m.gguf"
+    rep = export_gguf(model, p, quant="Q8_0")
+    assert rep.tensors[-1].name == "rope_freqs.weight" and rep.tensors[-1].ggml_type == "F32"
+    ours = GGUFFile.read(p).tensor("rope_freqs.weight")
+    # transformers' llama3 inverse frequencies vs the unscaled ones: their ratio is the divisor
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    plain = 1.0 / (theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    ref = (plain / scaled).numpy()
+    assert ours.shape == (32,) and {1.0, 8.0} <= set(ours.tolist())  # both plateaus and the blend
+    assert ((ours > 1) & (ours < 8)).any() or orig == 8192
+    # float32 ratio of two float32 frequencies: a few ulp
+    np.testing.assert_allclose(ours, ref, rtol=4 * np.finfo(np.float32).eps)
+    md = fields(GGUFReader(str(p)))
+    assert "llama.rope.scaling.type" not in md  # llama.cpp takes llama3 scaling from rope_freqs alone
+    assert GGUFReader(str(p)).get_tensor(len(rep.tensors) - 1).name == "rope_freqs.weight"
+
+
+def test_yarn_and_linear_rope_metadata(tmp_path):
+    p = tmp_path / "m.gguf"
+    export_gguf(rope_llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}), p, quant="F16")
+    md = fields(GGUFReader(str(p)))
+    assert md["llama.rope.scaling.type"] == "yarn" and md["llama.rope.scaling.factor"] == 4.0
+    assert md["llama.rope.scaling.original_context_length"] == 256
+    assert "rope_freqs.weight" not in GGUFFile.read(p).tensors
+    export_gguf(rope_llama({"rope_type": "linear", "factor": 2.0}), p, quant="F16")
+    md = fields(GGUFReader(str(p)))
+    assert md["llama.rope.scaling.type"] == "linear" and md["llama.rope.scaling.factor"] == 2.0
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 16.0}, "beta_fast"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.5},
+     "attention_factor"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+])
+def test_rope_scaling_llama_cpp_cannot_run_is_refused(tmp_path, rope, match):
+    p = tmp_path / "m.gguf"
+    with pytest.raises(UnsupportedFormatError, match=match):
+        export_gguf(rope_llama(rope), p, quant="F16")
+    assert not p.exists()
+
+
+def test_bad_llama3_rope_parameters(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256}
+    model = rope_llama({"rope_type": "default"})
+    model.config.rope_parameters = rope  # transformers would refuse it at construction; a hand edit
+    with pytest.raises(ConfigError, match="high_freq_factor"):
+        export_gguf(model, tmp_path / "m.gguf", quant="F16")

@@ -183,14 +183,100 @@ def _hparams(model, arch: str) -> List[Tuple[str, Any, ValueType]]:
     ]
     if head_dim * n_head != cfg.hidden_size:
         kv += [(f"{arch}.attention.key_length", int(head_dim), u32), (f"{arch}.attention.value_length", int(head_dim), u32)]
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    rtype = scaling.get("rope_type", scaling.get("type"))
-    if rtype == "linear" and "factor" in scaling:
-        kv += [(f"{arch}.rope.scaling.type", "linear", ValueType.STRING),
-               (f"{arch}.rope.scaling.factor", float(scaling["factor"]), f32)]
-    elif rtype not in (None, "default"):
-        raise UnsupportedFormatError(f"rope scaling {rtype!r} is not supported by export_gguf yet")
+    kv += _rope_scaling_metadata(cfg, arch)
     return kv
+
+
+def _rope_parameters(cfg) -> Dict[str, Any]:
+    """The rope scaling dict of a HF config: `rope_parameters` (transformers >= 5, which also holds
+    `rope_theta`) or `rope_scaling` (older releases); `{}` when neither is set."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, Mapping) and v:
+            return dict(v)
+    return {}
+
+
+def _rope_type(params: Mapping[str, Any]) -> Optional[str]:
+    t = params.get("rope_type", params.get("type"))
+    return None if t in (None, "default") else str(t)
+
+
+def _rope_scaling_metadata(cfg, arch: str) -> List[Tuple[str, Any, ValueType]]:
+    """GGUF keys for the model's RoPE scaling (as llama.cpp's converter writes them).
+
+    linear -> `rope.scaling.type/factor`; yarn -> type, factor, original context length and the
+    optional YaRN parameters; llama3 -> no keys (its per-dimension factors travel as the
+    `rope_freqs.weight` tensor, see `_rope_freq_factors`). Anything else raises."""
+    p = _rope_parameters(cfg)
+    rtype = _rope_type(p)
+    f32, s = ValueType.FLOAT32, ValueType.STRING
+    if rtype is None or rtype == "llama3":
+        if rtype == "llama3":
+            _llama3_params(p)  # validated here so a bad config fails before anything is written
+        return []
+    factor = p.get("factor")
+    if factor is None or float(factor) <= 0:
+        raise ConfigError(f"rope scaling {rtype!r} needs a positive 'factor' in the model config; got {factor!r}")
+    if rtype == "linear":
+        return [(f"{arch}.rope.scaling.type", "linear", s), (f"{arch}.rope.scaling.factor", float(factor), f32)]
+    if rtype == "yarn":
+        # llama.cpp (checked against ggml 0.25.3) reads type, factor and original context length
+        # for these architectures and computes YaRN with beta_fast 32, beta_slow 1 and the paper's
+        # attention factor 0.1 ln(factor) + 1 — the Hugging Face defaults. Configs that change
+        # those would load and run with different numbers, so they are refused.
+        default_attn = 0.1 * float(np.log(float(factor))) + 1.0 if float(factor) > 1 else 1.0
+        custom = {k: p[k] for k, d in (("beta_fast", 32.0), ("beta_slow", 1.0), ("attention_factor", default_attn))
+                  if p.get(k) is not None and abs(float(p[k]) - d) > 1e-6 * max(1.0, abs(d))}
+        if p.get("mscale") or p.get("mscale_all_dim") or p.get("truncate", True) is False:
+            custom.update({k: p[k] for k in ("mscale", "mscale_all_dim", "truncate") if k in p})
+        if custom:
+            raise UnsupportedFormatError(
+                f"yarn rope scaling with non-default {custom} is not exported: llama.cpp's llama/qwen2 models "
+                "compute YaRN with beta_fast=32, beta_slow=1 and attention factor 0.1*ln(factor)+1")
+        orig = p.get("original_max_position_embeddings") or _config_value(cfg, "max_position_embeddings")
+        return [(f"{arch}.rope.scaling.type", "yarn", s), (f"{arch}.rope.scaling.factor", float(factor), f32),
+                (f"{arch}.rope.scaling.original_context_length", int(orig), ValueType.UINT32)]
+    raise UnsupportedFormatError(
+        f"rope scaling {rtype!r} cannot be exported to GGUF (llama.cpp supports linear, yarn and llama3); "
+        "remove it from the config if the model was not trained with it")
+
+
+def _llama3_params(p: Mapping[str, Any]) -> Tuple[float, float, float, float]:
+    try:
+        vals = (float(p["factor"]), float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0)),
+                float(p.get("original_max_position_embeddings", 8192)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"llama3 rope scaling needs numeric factor / low_freq_factor / high_freq_factor / "
+                          f"original_max_position_embeddings: {e}") from None
+    factor, low, high, orig = vals
+    if factor <= 0 or low <= 0 or high <= low or orig <= 0:
+        raise ConfigError(f"llama3 rope scaling parameters out of range: factor={factor}, low_freq_factor={low}, "
+                          f"high_freq_factor={high} (must exceed low), original_max_position_embeddings={orig}")
+    return vals
+
+
+def _rope_freq_factors(cfg) -> Optional[np.ndarray]:
+    """Llama 3.1-style RoPE scaling as the per-frequency divisors llama.cpp reads from `rope_freqs`
+    (one per rotary pair). Formula of Meta's Llama 3.1 reference code (`apply_scaling`): with
+    wavelength `2*pi/f` of each base frequency `f = theta^(-2i/d)`, wavelengths shorter than
+    `orig/high_freq_factor` keep their frequency (1), longer than `orig/low_freq_factor` are divided
+    by `factor`, and in between blend smoothly: `1 / ((1 - s)/factor + s)`,
+    `s = (orig/wavelen - low) / (high - low)`. None for models without llama3 scaling."""
+    p = _rope_parameters(cfg)
+    if _rope_type(p) != "llama3":
+        return None
+    factor, low, high, orig = _llama3_params(p)
+    n_head = cfg.num_attention_heads
+    dim = int(_config_value(cfg, "head_dim", default=cfg.hidden_size // n_head))
+    theta = _config_value(cfg, "rope_theta", default=None) or p.get("rope_theta", 10000.0)
+    # the base frequencies in float32, as the model computes them
+    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    wavelen = 2.0 * np.pi / freqs.astype(np.float64)
+    smooth = (orig / wavelen - low) / (high - low)
+    out = np.where(wavelen < orig / high, 1.0,
+                   np.where(wavelen > orig / low, factor, 1.0 / ((1.0 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
 
 
 def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[np.ndarray]:
@@ -272,6 +358,12 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
         q = quantize(a, t, imatrix=imp, mode=qmode)
         w.add_raw_tensor(gname, q, t, a.shape)
         report.tensors.append(TensorReport(gname, tuple(a.shape), t, int(q.nbytes), why))
+    rope_factors = _rope_freq_factors(cfg)
+    if rope_factors is not None:
+        # llama.cpp divides each rotary frequency by these (F32, as its converter writes them)
+        w.add_tensor("rope_freqs.weight", rope_factors, "F32")
+        report.tensors.append(TensorReport("rope_freqs.weight", rope_factors.shape, "F32", rope_factors.nbytes,
+                                           "llama3 rope scaling factors"))
     w.write()
     return report
 
