@@ -47,6 +47,16 @@ def main():
     mb = x.nbytes / 1e6
     print(f"weights {args.rows}x{args.cols} f32 ({mb:.0f} MB); native: {kernel_info()}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if not args.no_gguf_py:
+        # Untimed warm-up: the first gguf-py calls in a fresh process run up to 3x slower (glibc
+        # serves their large temporaries with fresh mmaps, page-faulted on first touch, until a
+        # freed block raises its mmap threshold), so without it the baseline would look slower
+        # for whichever type is timed first.
+        from gguf import GGMLQuantizationType, quants
+
+        for t in ("Q4_0", "Q8_0"):
+            quants.quantize(x[:1024], GGMLQuantizationType[t])
+            quants.quantize(x, GGMLQuantizationType[t])
     print("times: median over rounds; ratios: median of per-round ratios [min..max]")
     print(f"{'type':<7} {'search s':>9} {'rtn s':>8} {'gguf-py s':>10} {'rtn/gguf-py':>22} {'search/gguf-py':>22}")
     for t in args.types.split(","):
