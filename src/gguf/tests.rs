@@ -74,6 +74,49 @@ fn writer_rejects_inconsistent_input() {
 }
 
 #[test]
+fn stream_writer_equals_one_shot_writer_and_cleans_up() {
+    use super::writer::{write_file, StreamWriter, TensorSpec};
+    let dir = std::env::temp_dir().join(format!("diffulex-gguf-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("m.gguf");
+    let a: Vec<u8> = (0..34u8).collect();
+    let b: Vec<u8> = (0..16u8).collect();
+    let specs = vec![
+        TensorSpec { name: "blk.0.attn_q.weight".into(), dims: vec![32, 1], ggml_type: 8 },
+        TensorSpec { name: "norm".into(), dims: vec![2, 2], ggml_type: 0 },
+    ];
+    let leftovers = || std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "m.gguf").count();
+    // streamed == one shot, byte for byte
+    let mut w = StreamWriter::create(&target, &sample_metadata(), &specs).unwrap();
+    assert_eq!(w.next_tensor(), Some("blk.0.attn_q.weight"));
+    w.write_tensor("blk.0.attn_q.weight", &a).unwrap();
+    w.write_tensor("norm", &b).unwrap();
+    w.finish().unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), sample_file());
+    assert_eq!(leftovers(), 0);
+    // out of order, wrong size, too many, unfinished: errors; the old file survives, no temp file stays
+    let mut w = StreamWriter::create(&target, &sample_metadata(), &specs).unwrap();
+    assert!(w.write_tensor("norm", &b).unwrap_err().to_string().contains("out of order"));
+    assert!(matches!(w.write_tensor("blk.0.attn_q.weight", &a[..33]), Err(Error::Shape(_))));
+    w.write_tensor("blk.0.attn_q.weight", &a).unwrap();
+    assert!(w.finish().unwrap_err().to_string().contains("\"norm\""));
+    assert_eq!(leftovers(), 0);
+    let mut w = StreamWriter::create(&target, &sample_metadata(), &specs).unwrap();
+    w.write_tensor("blk.0.attn_q.weight", &a).unwrap();
+    w.write_tensor("norm", &b).unwrap();
+    assert!(w.write_tensor("norm", &b).is_err());
+    drop(w); // dropped without finish: an interrupted export
+    assert_eq!(std::fs::read(&target).unwrap(), sample_file());
+    assert_eq!(leftovers(), 0);
+    // a one-shot write with a bad length fails before creating anything
+    let bad = [TensorData { name: "x".into(), dims: vec![4], ggml_type: 0, data: &b[..8] }];
+    assert!(matches!(write_file(&dir.join("n.gguf"), &sample_metadata(), &bad), Err(Error::Shape(_))));
+    assert!(!dir.join("n.gguf").exists());
+    assert_eq!(leftovers(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn every_truncation_is_a_corrupt_error() {
     let bytes = sample_file();
     let h = read_bytes(&bytes).unwrap();

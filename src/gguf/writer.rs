@@ -59,8 +59,17 @@ fn check_value(key: &str, v: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Validate everything before the first byte is written.
-fn validate(metadata: &[(String, Value)], tensors: &[TensorData<'_>]) -> Result<u64> {
+/// A tensor announced in the header before its bytes are written: GGUF dims and ggml type id.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+}
+
+/// Validate everything before the first byte is written; returns the alignment and each tensor's
+/// byte size (from its dims and type).
+fn validate(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64, Vec<u64>)> {
     let mut keys = std::collections::HashSet::new();
     for (k, v) in metadata {
         if !keys.insert(k.as_str()) {
@@ -74,6 +83,8 @@ fn validate(metadata: &[(String, Value)], tensors: &[TensorData<'_>]) -> Result<
         Some((_, v)) => return Err(Error::InvalidArgument(format!("{ALIGNMENT_KEY} must be a power-of-two u32, got {v:?}"))),
     };
     let mut names = std::collections::HashSet::new();
+    let mut sizes = Vec::with_capacity(tensors.len());
+    let mut total = 0u64;
     for t in tensors {
         if !names.insert(t.name.as_str()) {
             return Err(Error::InvalidArgument(format!("duplicate tensor name {:?}", t.name)));
@@ -82,13 +93,11 @@ fn validate(metadata: &[(String, Value)], tensors: &[TensorData<'_>]) -> Result<
             return Err(Error::Shape(format!("tensor {:?}: {} dims, GGUF allows 1..={MAX_DIMS}", t.name, t.dims.len())));
         }
         let n = tensor_nbytes(t.ggml_type, &t.dims).map_err(|e| Error::Shape(format!("tensor {:?}: {e}", t.name)))?;
-        if n != t.data.len() as u64 {
-            return Err(Error::Shape(format!(
-                "tensor {:?}: dims {:?} of type {} need {n} bytes, got {}", t.name, t.dims, t.ggml_type, t.data.len()
-            )));
-        }
+        total = total.checked_add(n).and_then(|v| align_up(v, alignment))
+            .ok_or_else(|| Error::Shape(format!("tensor {:?}: the data section overflows 64 bits", t.name)))?;
+        sizes.push(n);
     }
-    Ok(alignment)
+    Ok((alignment, sizes))
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -96,7 +105,10 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-fn write_body<W: Write>(w: &mut W, metadata: &[(String, Value)], tensors: &[TensorData<'_>], alignment: u64) -> std::io::Result<()> {
+/// Header, metadata, tensor infos and the padding up to the data section.
+fn write_header<W: Write>(
+    w: &mut W, metadata: &[(String, Value)], tensors: &[TensorSpec], sizes: &[u64], alignment: u64,
+) -> std::io::Result<()> {
     w.write_all(&GGUF_MAGIC)?;
     w.write_all(&GGUF_VERSION.to_le_bytes())?;
     w.write_all(&(tensors.len() as u64).to_le_bytes())?;
@@ -112,7 +124,7 @@ fn write_body<W: Write>(w: &mut W, metadata: &[(String, Value)], tensors: &[Tens
         put_value(w, v)?;
     }
     let mut offset = 0u64;
-    for t in tensors {
+    for (t, n) in tensors.iter().zip(sizes) {
         put_string(&mut counter, &t.name)?;
         counter.0 += 4 + 8 * t.dims.len() as u64 + 4 + 8;
         put_string(w, &t.name)?;
@@ -122,17 +134,20 @@ fn write_body<W: Write>(w: &mut W, metadata: &[(String, Value)], tensors: &[Tens
         }
         w.write_all(&t.ggml_type.to_le_bytes())?;
         w.write_all(&offset.to_le_bytes())?;
-        offset = align_up(offset + t.data.len() as u64, alignment).expect("sizes were validated");
+        offset = align_up(offset + n, alignment).expect("sizes were validated");
     }
     pos += counter.0;
-    let zeros = vec![0u8; alignment as usize];
     let pad = align_up(pos, alignment).expect("small") - pos;
-    w.write_all(&zeros[..pad as usize])?;
-    for t in tensors {
-        w.write_all(t.data)?;
-        let len = t.data.len() as u64;
-        let pad = align_up(len, alignment).expect("validated") - len;
-        w.write_all(&zeros[..pad as usize])?;
+    write_zeros(w, pad)
+}
+
+fn write_zeros<W: Write>(w: &mut W, n: u64) -> std::io::Result<()> {
+    const ZEROS: [u8; 256] = [0; 256];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(ZEROS.len() as u64);
+        w.write_all(&ZEROS[..k as usize])?;
+        left -= k;
     }
     Ok(())
 }
@@ -149,30 +164,158 @@ impl Write for Counter {
     }
 }
 
+/// A GGUF v3 file written tensor by tensor: the header (with every tensor's type and shape) goes
+/// out first, then each tensor's bytes in the announced order, so a caller never holds more than
+/// one encoded tensor. Everything goes to a temporary file next to the target that [`finish`]
+/// fsyncs and renames into place; dropping the writer unfinished (an error, an interrupt) deletes
+/// the temporary file and leaves the target untouched.
+///
+/// [`finish`]: StreamWriter::finish
+pub struct StreamWriter<W: Write = BufWriter<File>> {
+    w: Option<W>,
+    paths: Option<(PathBuf, PathBuf)>, // (temporary, target) for file-backed writers
+    names: Vec<String>,
+    sizes: Vec<u64>,
+    alignment: u64,
+    next: usize,
+}
+
+impl StreamWriter {
+    /// Validate the metadata and tensor specs, create the temporary file and write the header.
+    pub fn create(path: &Path, metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<Self> {
+        let (alignment, sizes) = validate(metadata, tensors)?;
+        let tmp = temp_path(path);
+        let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut sw = StreamWriter {
+            w: Some(BufWriter::with_capacity(1 << 22, f)),
+            paths: Some((tmp, path.to_path_buf())),
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            sizes,
+            alignment,
+            next: 0,
+        };
+        // on error `sw` is dropped here, which removes the temporary file
+        let w = sw.w.as_mut().expect("just set");
+        write_header(w, metadata, tensors, &sw.sizes, alignment).map_err(|e| sw.err(e))?;
+        Ok(sw)
+    }
+
+    /// Flush, fsync and rename the temporary file onto the target path.
+    pub fn finish(mut self) -> Result<()> {
+        self.check_complete()?;
+        let w = self.w.take().expect("writer present until finish");
+        let (tmp, target) = self.paths.clone().expect("file-backed");
+        let result = (|| {
+            let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+            fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))
+        })();
+        if result.is_ok() {
+            self.paths = None; // nothing left to clean up
+        }
+        result
+    }
+}
+
+impl StreamWriter<Vec<u8>> {
+    /// An in-memory writer (tests, small files).
+    pub fn in_memory(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<Self> {
+        let (alignment, sizes) = validate(metadata, tensors)?;
+        let mut w = Vec::new();
+        write_header(&mut w, metadata, tensors, &sizes, alignment).expect("writing to a Vec cannot fail");
+        Ok(StreamWriter { w: Some(w), paths: None, names: tensors.iter().map(|t| t.name.clone()).collect(), sizes, alignment, next: 0 })
+    }
+
+    pub fn into_bytes(mut self) -> Result<Vec<u8>> {
+        self.check_complete()?;
+        Ok(self.w.take().expect("present"))
+    }
+}
+
+impl<W: Write> StreamWriter<W> {
+    fn err(&self, e: std::io::Error) -> Error {
+        match &self.paths {
+            Some((tmp, _)) => io_err(tmp, e),
+            None => Error::InvalidArgument(format!("write failed: {e}")),
+        }
+    }
+
+    /// The name of the tensor whose bytes are expected next (None when all are written).
+    pub fn next_tensor(&self) -> Option<&str> {
+        self.names.get(self.next).map(String::as_str)
+    }
+
+    /// Write the bytes of the next tensor, which must be `name` with the announced size.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let Some(expected) = self.names.get(self.next) else {
+            return Err(Error::InvalidArgument(format!("tensor {name:?}: all {} announced tensors are already written", self.names.len())));
+        };
+        if expected != name {
+            return Err(Error::InvalidArgument(format!("tensor {name:?} written out of order: the header announced {expected:?} next")));
+        }
+        let n = self.sizes[self.next];
+        if data.len() as u64 != n {
+            return Err(Error::Shape(format!("tensor {name:?}: the header announced {n} bytes, got {}", data.len())));
+        }
+        let pad = align_up(n, self.alignment).expect("validated") - n;
+        let r = {
+            let w = self.w.as_mut().expect("writer present until finish");
+            w.write_all(data).and_then(|_| write_zeros(w, pad))
+        };
+        r.map_err(|e| self.err(e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    fn check_complete(&self) -> Result<()> {
+        match self.next_tensor() {
+            Some(n) => Err(Error::InvalidArgument(format!(
+                "{} of {} tensors written; {n:?} and later ones are missing", self.next, self.names.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<W: Write> Drop for StreamWriter<W> {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = self.paths.take() {
+            drop(self.w.take());
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Specs of in-memory tensors, with every data length checked before anything is written.
+fn specs(tensors: &[TensorData<'_>]) -> Result<Vec<TensorSpec>> {
+    tensors.iter().map(|t| {
+        if let Ok(n) = tensor_nbytes(t.ggml_type, &t.dims) {
+            if n != t.data.len() as u64 {
+                return Err(Error::Shape(format!(
+                    "tensor {:?}: dims {:?} of type {} need {n} bytes, got {}", t.name, t.dims, t.ggml_type, t.data.len()
+                )));
+            }
+        } // (invalid dims/types are reported by `validate`)
+        Ok(TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type })
+    }).collect()
+}
+
 /// Write a GGUF v3 file atomically (temp file + fsync + rename).
 pub fn write_file(path: &Path, metadata: &[(String, Value)], tensors: &[TensorData<'_>]) -> Result<()> {
-    let alignment = validate(metadata, tensors)?;
-    let tmp = temp_path(path);
-    let result = (|| {
-        let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 22, f);
-        write_body(&mut w, metadata, tensors, alignment).map_err(|e| io_err(&tmp, e))?;
-        let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let mut w = StreamWriter::create(path, metadata, &specs(tensors)?)?;
+    for t in tensors {
+        w.write_tensor(&t.name, t.data)?;
     }
-    result
+    w.finish()
 }
 
 /// Serialize to memory (tests, small files).
 pub fn write_bytes(metadata: &[(String, Value)], tensors: &[TensorData<'_>]) -> Result<Vec<u8>> {
-    let alignment = validate(metadata, tensors)?;
-    let mut out = Vec::new();
-    write_body(&mut out, metadata, tensors, alignment).expect("writing to a Vec cannot fail");
-    Ok(out)
+    let mut w = StreamWriter::in_memory(metadata, &specs(tensors)?)?;
+    for t in tensors {
+        w.write_tensor(&t.name, t.data)?;
+    }
+    w.into_bytes()
 }
 
 /// Value type of an array's elements, for callers building `Value::Array`s.

@@ -180,7 +180,76 @@ fn gguf_write(py: Python<'_>, path: PathBuf, metadata: Vec<(String, Vec<u32>, Bo
     detached(py, || writer::write_file(&path, &md, &td))
 }
 
+/// A GGUF file written tensor by tensor (see `gguf::writer::StreamWriter`): created with the
+/// metadata and `[(name, gguf_dims, ggml_type_id)]`, then `write_tensor` in that order, then
+/// `finish` (atomic rename). `abort`, or dropping it unfinished, deletes the temporary file.
+#[pyclass(module = "diffulex_edge._native")]
+struct GGUFStreamWriter {
+    inner: std::sync::Mutex<Option<writer::StreamWriter>>,
+}
+
+impl GGUFStreamWriter {
+    fn with<R>(&self, f: impl FnOnce(&mut Option<writer::StreamWriter>) -> PyResult<R>) -> PyResult<R> {
+        // try_lock: a thread waiting here would hold the GIL that the writing thread needs back
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(to_py(Error::InvalidArgument("this GGUF stream writer is in use by another thread".into())))
+            }
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err(to_py(Error::InvalidArgument("GGUF writer poisoned by an earlier panic".into())))
+            }
+        };
+        f(&mut g)
+    }
+}
+
+fn closed() -> PyErr {
+    to_py(Error::InvalidArgument("this GGUF stream writer is already finished or aborted".into()))
+}
+
+#[pymethods]
+impl GGUFStreamWriter {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf, metadata: Vec<(String, Vec<u32>, Bound<'_, PyAny>)>, tensors: Vec<(String, Vec<u64>, u32)>) -> PyResult<Self> {
+        let md = metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
+        let specs: Vec<writer::TensorSpec> =
+            tensors.into_iter().map(|(name, dims, ggml_type)| writer::TensorSpec { name, dims, ggml_type }).collect();
+        let w = detached(py, || writer::StreamWriter::create(&path, &md, &specs))?;
+        Ok(GGUFStreamWriter { inner: std::sync::Mutex::new(Some(w)) })
+    }
+
+    /// Name of the tensor expected next (None when all are written or the writer is closed).
+    fn next_tensor(&self) -> PyResult<Option<String>> {
+        self.with(|w| Ok(w.as_ref().and_then(|w| w.next_tensor().map(str::to_owned))))
+    }
+
+    fn write_tensor(&self, py: Python<'_>, name: &str, data: PyReadonlyArray1<'_, u8>) -> PyResult<()> {
+        let bytes = data.as_slice()?;
+        self.with(|w| {
+            let w = w.as_mut().ok_or_else(closed)?;
+            detached(py, || w.write_tensor(name, bytes))
+        })
+    }
+
+    fn finish(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(|w| {
+            let w = w.take().ok_or_else(closed)?;
+            detached(py, || w.finish())
+        })
+    }
+
+    /// Delete the temporary file; the target is left as it was. Idempotent.
+    fn abort(&self) -> PyResult<()> {
+        self.with(|w| {
+            drop(w.take());
+            Ok(())
+        })
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<GGUFStreamWriter>()?;
     m.add_function(wrap_pyfunction!(gguf_read_header, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_write, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_types, m)?)?;

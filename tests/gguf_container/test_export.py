@@ -7,7 +7,7 @@ from gguf import GGUFReader
 from gguf import quants as gq
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from diffulex_edge.errors import ConfigError, UnsupportedFormatError
+from diffulex_edge.errors import ConfigError, NonFiniteWeightError, UnsupportedFormatError
 from diffulex_edge.export import export_gguf
 from diffulex_edge.export.gguf_export import gguf_tensor_name, permute_qk
 from diffulex_edge.gguf import GGUFFile, dequantize, quantize
@@ -289,3 +289,43 @@ def test_bad_llama3_rope_parameters(tmp_path):
     model.config.rope_parameters = rope  # transformers would refuse it at construction; a hand edit
     with pytest.raises(ConfigError, match="high_freq_factor"):
         export_gguf(model, tmp_path / "m.gguf", quant="F16")
+
+
+def test_export_streams_and_a_failure_leaves_the_old_file(tmp_path):
+    model = tiny_llama()
+    p = tmp_path / "m.gguf"
+    rep = export_gguf(model, p, quant="Q8_0", show_progress=False)
+    before = p.read_bytes()
+    # tensors are written in the announced order, offsets follow the header (gguf-py agrees)
+    r = GGUFReader(str(p))
+    assert [t.name for t in r.tensors] == [t.name for t in rep.tensors]
+    bad = tiny_llama()
+    with torch.no_grad():
+        bad.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")  # late in the stream
+    with pytest.raises(NonFiniteWeightError) as ei:
+        export_gguf(bad, p, quant="Q8_0", show_progress=False)
+    assert ei.value.layer == "blk.1.ffn_up.weight" and "model.layers.1.mlp.up_proj.weight" in str(ei.value)
+    assert p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+
+
+def test_stream_writer_api(tmp_path):
+    from diffulex_edge.gguf import GGUFWriter
+
+    w = GGUFWriter(tmp_path / "s.gguf")
+    w.add("general.architecture", "llama")
+    a = np.arange(64, dtype=np.float32).reshape(2, 32)
+    with w.stream([("a", a.shape, "Q8_0"), ("b", (3,), "F32")]) as s:
+        assert s.next_tensor == "a"
+        with pytest.raises(ConfigError, match="out of order"):
+            s.write_tensor("b", np.zeros(3, np.float32))
+        s.write_tensor("a", quantize(a, "Q8_0"))
+        s.write_tensor("b", np.array([1, 2, 3], np.float32))
+    f = GGUFFile.read(tmp_path / "s.gguf")
+    np.testing.assert_array_equal(f.tensor("a"), dequantize(quantize(a, "Q8_0"), "Q8_0", shape=a.shape))
+    np.testing.assert_array_equal(f.tensor("b"), [1, 2, 3])
+    with pytest.raises(ConfigError, match="missing"):
+        with w.stream([("a", a.shape, "Q8_0"), ("b", (3,), "F32")], path=tmp_path / "t.gguf") as s:
+            s.write_tensor("a", quantize(a, "Q8_0"))
+    assert not (tmp_path / "t.gguf").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["s.gguf"]

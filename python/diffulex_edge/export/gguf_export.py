@@ -8,16 +8,19 @@ llama.cpp's `convert_hf_to_gguf.py` does (HF stores rotary halves split; GGUF in
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import ConfigError, UnsupportedFormatError
+from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize
 from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
+
+log = logging.getLogger(__name__)
 
 #: HF architecture class -> (GGUF architecture, permute Q/K)
 ARCHITECTURES = {
@@ -293,13 +296,19 @@ def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[n
 
 def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
                 imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
-                name: Optional[str] = None, mode: str = "search") -> ExportReport:
+                name: Optional[str] = None, mode: str = "search", show_progress: Optional[bool] = None) -> ExportReport:
     """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF.
 
     quant: a llama.cpp mix (`Q4_K_M`, `Q4_K_S`, `Q5_K_M`, `Q6_K`, `Q8_0`, `Q2_K`, `Q3_K_M`, `IQ4_XS`,
     `TQ1_0`, `TQ2_0`, ... see `MIXES`). imatrix: per-column importances keyed by GGUF or HF tensor
     name, or the path of a llama.cpp imatrix file (GGUF or legacy .dat). overrides: `{regex: type}` applied to GGUF tensor names before the mix. Returns the
-    per-tensor report (type, bits per weight, why).
+    per-tensor report (type, bits per weight, why). mode: "search" (weighted least-squares scales)
+    or "rtn" (gguf-py's round-to-nearest bytes where the type has it). show_progress: tqdm bar over
+    tensors (None: when attached to a terminal or notebook).
+
+    The file is written tensor by tensor into a temporary file that is renamed into place at the
+    end; on any error (or Ctrl-C) the temporary file is deleted and an existing file at `path` is
+    left as it was.
     """
     cls = type(model).__name__
     if getattr(model, "config", None) is None:
@@ -341,31 +350,56 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
         for k, v, t in tokenizer_metadata(tokenizer, int(cfg.vocab_size)):
             w.add(k, v, t)
 
-    report = ExportReport(os.fspath(path), quant)
+    # Plan every tensor (name, shape, type) first: the header announces them all, bad imatrix
+    # entries fail before any work, and the data is then streamed one tensor at a time, so peak
+    # memory is the model plus one float32 copy and one encoded tensor.
+    plan: List[Tuple[Optional[str], str, Tuple[int, ...], str, str]] = []
     for hf_name, tensor in state.items():
         gname = gguf_tensor_name(hf_name)
         if gname is None or (tied and gname == "output.weight"):
             continue
-        a = tensor.detach().to("cpu").float().numpy()
-        if permute and gname.endswith("attn_q.weight"):
-            a = permute_qk(a, n_head, n_head)
-        elif permute and gname.endswith("attn_k.weight"):
-            a = permute_qk(a, n_head, n_kv)
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        t, why = choose_type(gname, a.shape, ctx, rules)
-        imp = _imatrix_for(imatrix, gname, hf_name, a.shape[-1]) if a.ndim >= 2 else None
-        qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
-        q = quantize(a, t, imatrix=imp, mode=qmode)
-        w.add_raw_tensor(gname, q, t, a.shape)
-        report.tensors.append(TensorReport(gname, tuple(a.shape), t, int(q.nbytes), why))
+        shape = tuple(int(d) for d in tensor.shape)
+        t, why = choose_type(gname, shape, ctx, rules)
+        if len(shape) >= 2:
+            _imatrix_for(imatrix, gname, hf_name, shape[-1])
+        plan.append((hf_name, gname, shape, t, why))
     rope_factors = _rope_freq_factors(cfg)
     if rope_factors is not None:
         # llama.cpp divides each rotary frequency by these (F32, as its converter writes them)
-        w.add_tensor("rope_freqs.weight", rope_factors, "F32")
-        report.tensors.append(TensorReport("rope_freqs.weight", rope_factors.shape, "F32", rope_factors.nbytes,
-                                           "llama3 rope scaling factors"))
-    w.write()
+        plan.append((None, "rope_freqs.weight", rope_factors.shape, "F32", "llama3 rope scaling factors"))
+
+    report = ExportReport(os.fspath(path), quant)
+    log.info("export_gguf: %d tensors as %s -> %s", len(plan), quant, report.path)
+    with w.stream([(g, shape, t) for _, g, shape, t, _ in plan]) as out:
+        for hf_name, gname, shape, t, why in _progress(plan, f"GGUF {quant}", show_progress):
+            if hf_name is None:
+                a = rope_factors
+            else:
+                a = state[hf_name].detach().to("cpu").float().numpy()
+                if permute and gname.endswith("attn_q.weight"):
+                    a = permute_qk(a, n_head, n_head)
+                elif permute and gname.endswith("attn_k.weight"):
+                    a = permute_qk(a, n_head, n_kv)
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            imp = _imatrix_for(imatrix, gname, hf_name, a.shape[-1]) if (a.ndim >= 2 and hf_name) else None
+            qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
+            try:
+                q = quantize(a, t, imatrix=imp, mode=qmode)
+            except QuantizationError as e:
+                raise type(e)(f"{hf_name or 'computed'} as {t}: {e}", layer=gname) from e
+            out.write_tensor(gname, q)
+            log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
+            report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+def _progress(items: List, desc: str, show: Optional[bool]):
+    if show is False or (show is None and len(items) < 2):
+        return items
+    from tqdm.auto import tqdm
+
+    # show=None: tqdm decides (disabled when output is not a terminal or notebook)
+    return tqdm(items, desc=desc, unit="tensor", disable=None if show is None else False, leave=False)
 
 
 __all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "load_gguf_weights",

@@ -168,6 +168,22 @@ class GGUFWriter:
         a = np.asarray(array.detach().cpu().float().numpy() if hasattr(array, "detach") else array, dtype=np.float32)
         self.add_raw_tensor(name, quantize(a, ggml_type, imatrix=imatrix, mode=mode), ggml_type, a.shape)
 
+    def stream(self, tensors: Sequence[Tuple[str, Sequence[int], Any]],
+               path: Optional[Union[str, os.PathLike]] = None) -> "GGUFStreamWriter":
+        """Start a file that receives its tensors one at a time: ``tensors`` announces
+        ``(name, numpy shape, ggml type)`` of each, in order; the metadata is this writer's.
+        Use as a context manager: it renames the finished file into place on success and deletes
+        the temporary file on an exception. Tensors added with ``add_tensor`` are not included."""
+        target = os.fspath(path) if path is not None else self.path
+        if target is None:
+            raise ConfigError("GGUFWriter.stream needs a path")
+        md = [(k, list(t), v) for k, (t, v) in self._metadata.items()]
+        specs = []
+        for name, shape, ggml_type in tensors:
+            tid = int(ggml_type) if isinstance(ggml_type, (int, np.integer)) else type_info(ggml_type).id
+            specs.append((name, [int(d) for d in reversed(tuple(shape))], tid))
+        return GGUFStreamWriter(_native.GGUFStreamWriter(target, md, specs), target)
+
     def write(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
         target = os.fspath(path) if path is not None else self.path
         if target is None:
@@ -178,4 +194,38 @@ class GGUFWriter:
         return target
 
 
-__all__ = ["GGUFFile", "GGUFWriter", "TensorInfo", "ValueType", "infer_type"]
+class GGUFStreamWriter:
+    """A GGUF file being written tensor by tensor (from :meth:`GGUFWriter.stream`); at most one
+    encoded tensor is in memory at a time. ``write_tensor`` in the announced order, then
+    ``finish()`` (fsync + atomic rename); ``abort()`` deletes the temporary file."""
+
+    def __init__(self, native, path: str):
+        self._w = native
+        self.path = path
+
+    @property
+    def next_tensor(self) -> Optional[str]:
+        return self._w.next_tensor()
+
+    def write_tensor(self, name: str, data: np.ndarray) -> None:
+        """The encoded bytes of tensor ``name`` (any dtype; its raw bytes are written)."""
+        self._w.write_tensor(name, np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+
+    def finish(self) -> str:
+        self._w.finish()
+        return self.path
+
+    def abort(self) -> None:
+        self._w.abort()
+
+    def __enter__(self) -> "GGUFStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+__all__ = ["GGUFFile", "GGUFStreamWriter", "GGUFWriter", "TensorInfo", "ValueType", "infer_type"]
