@@ -329,3 +329,23 @@ def test_stream_writer_api(tmp_path):
             s.write_tensor("a", quantize(a, "Q8_0"))
     assert not (tmp_path / "t.gguf").exists()
     assert sorted(x.name for x in tmp_path.iterdir()) == ["s.gguf"]
+
+
+def test_quantized_or_incomplete_models_are_refused(tmp_path):
+    from diffulex_edge.quant import INT8Quantizer, QuantizationConfig, dequantize_model
+
+    model = tiny_llama()
+    q = INT8Quantizer().quantize(model, QuantizationConfig(dtype="int8")).model
+    p = tmp_path / "m.gguf"
+    with pytest.raises(UnsupportedFormatError, match="dequantize_model") as ei:
+        export_gguf(q, p, quant="Q8_0")
+    assert ei.value.layer == "model.layers.0.self_attn.q_proj" and not p.exists()
+    rep = export_gguf(dequantize_model(q), p, quant="Q8_0")  # the documented fix works
+    assert any(t.name == "blk.1.ffn_down.weight" for t in rep.tensors)
+    # parameters under names llama.cpp does not know (an adapter wrapper): refused, naming both sides
+    wrapped = tiny_llama()
+    layer = wrapped.model.layers[1].mlp
+    layer.up_proj = torch.nn.Sequential(layer.up_proj)
+    with pytest.raises(ConfigError, match=r"blk\.1\.ffn_up\.weight.*model\.layers\.1\.mlp\.up_proj\.0\.weight"):
+        export_gguf(wrapped, tmp_path / "w.gguf", quant="Q8_0")
+    assert not (tmp_path / "w.gguf").exists()

@@ -317,6 +317,14 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
     if hf_arch is None:
         raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
+    from ..quant.nn import QuantizedLinear
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if quantized:
+        raise UnsupportedFormatError(
+            f"{len(quantized)} layer(s) are diffulex-edge quantized, but export_gguf encodes float weights itself; "
+            "export the float model, or call diffulex_edge.quant.dequantize_model(model) first (the GGUF types "
+            "are then applied on top of the INT8/INT4 rounding)", layer=quantized[0])
     if isinstance(imatrix, (str, os.PathLike)):
         from ..gguf.imatrix import load_imatrix
 
@@ -354,15 +362,20 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     # entries fail before any work, and the data is then streamed one tensor at a time, so peak
     # memory is the model plus one float32 copy and one encoded tensor.
     plan: List[Tuple[Optional[str], str, Tuple[int, ...], str, str]] = []
+    unmapped = []
     for hf_name, tensor in state.items():
         gname = gguf_tensor_name(hf_name)
-        if gname is None or (tied and gname == "output.weight"):
+        if gname is None:
+            unmapped.append(hf_name)
+            continue
+        if tied and gname == "output.weight":
             continue
         shape = tuple(int(d) for d in tensor.shape)
         t, why = choose_type(gname, shape, ctx, rules)
         if len(shape) >= 2:
             _imatrix_for(imatrix, gname, hf_name, shape[-1])
         plan.append((hf_name, gname, shape, t, why))
+    _check_complete({g for _, g, *_ in plan}, int(cfg.num_hidden_layers), unmapped)
     rope_factors = _rope_freq_factors(cfg)
     if rope_factors is not None:
         # llama.cpp divides each rotary frequency by these (F32, as its converter writes them)
@@ -391,6 +404,23 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _check_complete(names, n_layers: int, unmapped: List[str]) -> None:
+    """Every weight llama.cpp requires of a llama/qwen2 model must be in the plan; a model whose
+    parameters are named differently (wrappers such as LoRA's `base_layer`) is refused instead of
+    written as a file llama.cpp cannot load."""
+    need = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.{k}.weight" for i in range(n_layers) for k in _BLOCK_TENSORS]
+    missing = [n for n in need if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
+        raise ConfigError(
+            f"the model has no weights for {', '.join(missing[:4])}{more}, which llama.cpp requires; parameters with "
+            f"no llama.cpp name: {', '.join(unmapped[:4]) or 'none'}{' ...' if len(unmapped) > 4 else ''}. "
+            "Merge adapters / unwrap modules so the parameters have their Hugging Face names")
 
 
 def _progress(items: List, desc: str, show: Optional[bool]):
