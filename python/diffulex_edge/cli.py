@@ -14,6 +14,7 @@ EPILOG = """examples:
   diffulex-quant compare examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/test.txt --html report.html
   diffulex-quant info /tmp/tiny-int4
   diffulex-quant imatrix examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/valid.txt -o imatrix.gguf
+  diffulex-quant gguf examples/tiny-llama-wikitext -o tiny-Q4_K_M.gguf --quant Q4_K_M --imatrix imatrix.gguf
 """
 
 
@@ -91,6 +92,27 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     m.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     m.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after each block; rerun to resume")
+
+    g = sub.add_parser("gguf", help="export to a GGUF file for llama.cpp / ollama / LM Studio",
+                       description="Write MODEL_DIR (Llama, Mistral or Qwen2) as GGUF with one of llama.cpp's type mixes, "
+                       "the tokenizer, and optionally an importance matrix; prints the type and bits per weight "
+                       "of every tensor.",
+                       epilog="examples:\n  diffulex-quant gguf MODEL_DIR -o model-Q4_K_M.gguf\n"
+                       "  diffulex-quant gguf MODEL_DIR -o model.gguf --quant Q5_K_M --imatrix imatrix.gguf "
+                       "--override 'attn_v=Q8_0'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model_dir", metavar="MODEL_DIR")
+    g.add_argument("-o", "--output", required=True, metavar="OUT", help="GGUF file to write (replaced atomically)")
+    g.add_argument("--quant", default="Q4_K_M", metavar="MIX",
+                   help="llama.cpp mix: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M "
+                   "Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS TQ1_0 TQ2_0 (default Q4_K_M)")
+    g.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or .dat)")
+    g.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
+                   help="type for GGUF tensors whose name matches REGEX (e.g. 'attn_v=Q8_0'); repeatable, first match wins")
+    g.add_argument("--rtn", action="store_true",
+                   help="round-to-nearest (gguf-py's bytes) where the type has it, instead of the scale search")
+    g.add_argument("--name", help="general.name in the file (default: the folder name)")
+    g.add_argument("--report", metavar="FILE", help="also write the per-tensor report as JSON")
     return p
 
 
@@ -212,6 +234,54 @@ def _cmd_imatrix(a) -> int:
     return 0
 
 
+def _cmd_gguf(a) -> int:
+    from . import hf
+    from .export import export_gguf
+
+    _need_file(a.imatrix, "imatrix file")
+    overrides = {}
+    for item in a.override:
+        regex, sep, t = item.rpartition("=")
+        if not sep or not regex or not t:
+            raise ValueError(f"--override {item!r}: expected REGEX=TYPE, e.g. 'attn_v=Q8_0'")
+        overrides[regex] = t
+    if hf.is_quantized_dir(a.model_dir):
+        raise ValueError(f"{a.model_dir} holds diffulex-edge quantized weights; export the float model folder "
+                         "(GGUF applies its own quantization)")
+    # the checkpoint's dtype (bf16 models stay bf16: half the memory); tensors are converted to
+    # float32 one at a time during the export
+    model, tok = hf.load_model(a.model_dir, dtype="auto")
+    try:  # transformers' wrapper knows BOS/EOS handling; a bare tokenizer.json is the fallback
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        pass
+    if tok is None:
+        print(f"note: {a.model_dir} has no tokenizer files; the GGUF will lack a vocabulary "
+              "(llama.cpp needs one to run it)", file=sys.stderr)
+    name = a.name or os.path.basename(os.path.normpath(a.model_dir))
+    report = export_gguf(model, a.output, quant=a.quant, imatrix=a.imatrix, tokenizer=tok, overrides=overrides or None,
+                         name=name, mode="rtn" if a.rtn else "search")
+    counts = ", ".join(f"{n} x {t}" for t, n in sorted(report.type_counts().items(), key=lambda kv: -kv[1]))
+    print(f"wrote {a.output}: {a.quant.upper()}, {len(report.tensors)} tensors ({counts}), {report.n_params:,} weights, "
+          f"{report.nbytes / 2**20:.2f} MiB, {report.bits_per_weight:.3f} bits/weight")
+    if a.report:
+        rows = [{"name": t.name, "shape": list(t.shape), "type": t.ggml_type, "bytes": t.nbytes,
+                 "bits_per_weight": t.bits_per_weight, "reason": t.reason} for t in report.tensors]
+        from ._io import atomic_write
+
+        doc = {"path": report.path, "quant": report.quant, "bits_per_weight": report.bits_per_weight, "tensors": rows}
+
+        def dump(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, indent=2)
+
+        atomic_write(a.report, dump)
+        print(f"wrote {a.report}")
+    return 0
+
+
 def _read_saved(path: str):
     from .errors import CorruptFileError
 
@@ -235,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import QuantizationError
 
-    handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info, "imatrix": _cmd_imatrix}
+    handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info, "imatrix": _cmd_imatrix,
+                "gguf": _cmd_gguf}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, QuantizationError, ValueError) as e:

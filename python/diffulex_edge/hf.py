@@ -53,9 +53,10 @@ def load_tokenizer(path: str) -> Optional[Any]:
         return None
 
 
-def load_model(path: str) -> Tuple[nn.Module, Optional[Any]]:
+def load_model(path: str, dtype: str = "float32") -> Tuple[nn.Module, Optional[Any]]:
     """(model in eval mode, tokenizer or None) from a float HF folder or one written by
-    :func:`save_quantized_pretrained`."""
+    :func:`save_quantized_pretrained`. ``dtype``: float models' parameter dtype ("auto" keeps the
+    checkpoint's, e.g. bf16, at half the memory of float32)."""
     path = _require_dir(path)
     tf = _transformers()
     if is_quantized_dir(path):
@@ -65,7 +66,7 @@ def load_model(path: str) -> Tuple[nn.Module, Optional[Any]]:
         skeleton = tf.AutoModelForCausalLM.from_config(config)
         model = load_quantized(os.path.join(path, QUANTIZED_WEIGHTS), skeleton)
     else:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="float32")
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.eval(), load_tokenizer(path)
 
 

@@ -349,3 +349,20 @@ def test_quantized_or_incomplete_models_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"blk\.1\.ffn_up\.weight.*model\.layers\.1\.mlp\.up_proj\.0\.weight"):
         export_gguf(wrapped, tmp_path / "w.gguf", quant="Q8_0")
     assert not (tmp_path / "w.gguf").exists()
+
+
+def test_bare_tokenizers_tokenizer_gives_the_same_vocabulary():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from diffulex_edge.export.gguf_tokenizer import tokenizer_metadata
+
+    d = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama-wikitext"
+    wrapped = {k: v for k, v, _ in tokenizer_metadata(AutoTokenizer.from_pretrained(d), 2048)}
+    bare = {k: v for k, v, _ in tokenizer_metadata(Tokenizer.from_file(str(d / "tokenizer.json")), 2048)}
+    assert set(bare) == {"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.ggml.tokens",
+                         "tokenizer.ggml.token_type"}
+    for k, v in bare.items():
+        assert wrapped[k] == v, k

@@ -82,7 +82,10 @@ def tokenizer_metadata(tok, vocab_size: int) -> List[Tuple[str, Any, Any]]:
         tokens[i] = text
         types[i] = NORMAL
     special = set(getattr(tok, "all_special_ids", []) or [])
-    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    added = getattr(tok, "added_tokens_decoder", None)
+    if added is None and hasattr(tok, "get_added_tokens_decoder"):  # a bare `tokenizers.Tokenizer`
+        added = tok.get_added_tokens_decoder()
+    added = added or {}
     for i, at in added.items():
         if i < n:
             types[i] = CONTROL if (getattr(at, "special", False) or i in special) else USER_DEFINED
@@ -96,6 +99,8 @@ def tokenizer_metadata(tok, vocab_size: int) -> List[Tuple[str, Any, Any]]:
     out: List[Tuple[str, Any, Any]] = []
     arr = ValueType.ARRAY
     backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None and hasattr(tok, "to_str") and hasattr(tok, "get_vocab"):
+        backend = tok  # a bare `tokenizers.Tokenizer` (tokenizer.json without transformers' wrapper)
     if backend is not None:
         tj = json.loads(backend.to_str())
         model = tj["model"]
