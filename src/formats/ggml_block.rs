@@ -284,7 +284,7 @@ pub fn quantize<F: BlockFormat>(
 ) -> Result<Vec<u8>> {
     let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode, true)?;
     let imp = sanitize_importance(imp);
-    let mut out = vec![0u8; rows * row_bytes];
+    let mut out = crate::mem::zeroed_vec::<u8>(rows * row_bytes);
     if row_bytes == 0 {
         return Ok(out);
     }

@@ -66,7 +66,7 @@ fn ggml_dequantize<'py>(
         if reference {
             ggml_any::dequantize_ref(t, b, n)
         } else {
-            let mut out = vec![0f32; n];
+            let mut out = crate::mem::zeroed_vec::<f32>(n);
             ggml_any::dequantize_into(t, b, &mut out, lv).map(|_| out)
         }
     })?;
