@@ -43,17 +43,24 @@ fn ternary_levels_rtn(x: &[f32]) -> (f32, [i32; QK_K]) {
     let d = absmax(x);
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     let mut l = [0i32; QK_K];
+    // round half away from zero, clamped to [-1, 1] (gguf-py's `np.round(x * id)` on |x * id| <= 1
+    // up to one rounding): 1 at s >= 0.5, -1 at s <= -0.5, else 0 — as comparisons, which the
+    // compiler vectorizes (a `round` call per weight it does not)
     for (o, v) in l.iter_mut().zip(x) {
-        *o = round_i(v * id).clamp(-1, 1) + 1;
+        let s = v * id;
+        *o = 1 + (s >= 0.5) as i32 - (s <= -0.5) as i32;
     }
     (d, l)
 }
 
 #[inline(always)]
 fn pack_tq2(l: &[i32; QK_K], b: &mut BlockTQ2_0) {
-    b.qs = [0; 64];
-    for (e, v) in l.iter().enumerate() {
-        b.qs[32 * (e / 128) + e % 32] |= (*v as u8) << (2 * ((e % 128) / 32));
+    // byte 32 h + i holds weights 128 h + 32 k + i in bits 2k..2k+2
+    for h in 0..2 {
+        let g = &l[128 * h..128 * h + 128];
+        for i in 0..32 {
+            b.qs[32 * h + i] = (g[i] | g[32 + i] << 2 | g[64 + i] << 4 | g[96 + i] << 6) as u8;
+        }
     }
 }
 

@@ -145,3 +145,14 @@ def test_sizes_match_spec():
     for t, info in GGML_TYPES.items():
         assert gq.GGML_QUANT_SIZES[qt(t)] == (info.block_size, info.type_size)
         assert int(qt(t)) == info.id
+
+
+@pytest.mark.parametrize("t", ["TQ1_0", "TQ2_0"])
+def test_ternary_rtn_ties_equal_gguf_py(t):
+    # |x| / max|x| exactly 0.5 (ties: away from zero), one ulp either side, and the maximum itself
+    half = np.float32(1.0)
+    vals = [half, np.nextafter(half, 0, dtype=np.float32), np.nextafter(half, 2, dtype=np.float32), 2.0, 0.0, 1.5, 0.25]
+    row = np.array([v * s for v in vals for s in (1, -1)] * 19, np.float32)[:256]
+    row[0] = 2.0  # max|x| = 2 -> scale 1/2
+    x = np.stack([row, -row, row * np.float32(3e-3), row * np.float32(7e5)])
+    np.testing.assert_array_equal(quantize(x, t, mode="rtn"), gq.quantize(x, qt(t)).view(np.uint8).reshape(4, -1))
