@@ -245,6 +245,13 @@ def _cmd_gguf(a) -> int:
         if not sep or not regex or not t:
             raise ValueError(f"--override {item!r}: expected REGEX=TYPE, e.g. 'attn_v=Q8_0'")
         overrides[regex] = t
+    from .errors import ConfigError
+    from .export.gguf_mixes import MIXES, compile_overrides
+
+    # argument errors before the (possibly long) model load
+    if a.quant.upper() not in MIXES:
+        raise ConfigError(f"unknown --quant {a.quant!r}; supported: {', '.join(MIXES)}")
+    compile_overrides(overrides or None)
     if hf.is_quantized_dir(a.model_dir):
         raise ValueError(f"{a.model_dir} holds diffulex-edge quantized weights; export the float model folder "
                          "(GGUF applies its own quantization)")

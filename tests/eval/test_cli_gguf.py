@@ -53,3 +53,13 @@ def test_gguf_command_refuses_a_quantized_folder(hf_model_dir, tmp_path, capsys)
     assert cli.main(["quantize", str(hf_model_dir), "--dtype", "int8", "-o", str(q)]) == 0
     assert cli.main(["gguf", str(q), "-o", str(tmp_path / "m.gguf")]) == 2
     assert "float model" in capsys.readouterr().err
+
+
+def test_gguf_command_checks_arguments_before_loading(tmp_path, capsys):
+    # a folder that is not a model at all: the bad --quant / --override is reported, not the folder
+    d = tmp_path / "not-a-model"
+    d.mkdir()
+    assert cli.main(["gguf", str(d), "-o", str(tmp_path / "m.gguf"), "--quant", "Q4_K_Z"]) == 2
+    assert "Q4_K_Z" in capsys.readouterr().err
+    assert cli.main(["gguf", str(d), "-o", str(tmp_path / "m.gguf"), "--override", "attn=Q9"]) == 2
+    assert "Q9" in capsys.readouterr().err

@@ -208,8 +208,8 @@ def _rope_type(params: Mapping[str, Any]) -> Optional[str]:
 def _rope_scaling_metadata(cfg, arch: str) -> List[Tuple[str, Any, ValueType]]:
     """GGUF keys for the model's RoPE scaling (as llama.cpp's converter writes them).
 
-    linear -> `rope.scaling.type/factor`; yarn -> type, factor, original context length and the
-    optional YaRN parameters; llama3 -> no keys (its per-dimension factors travel as the
+    linear -> `rope.scaling.type/factor`; yarn -> type, factor and original context length (with
+    the default YaRN parameters only, see below); llama3 -> no keys (its per-dimension factors travel as the
     `rope_freqs.weight` tensor, see `_rope_freq_factors`). Anything else raises."""
     p = _rope_parameters(cfg)
     rtype = _rope_type(p)
