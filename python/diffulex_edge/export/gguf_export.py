@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
+from .._progress import progress
 from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize
@@ -361,7 +362,7 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     # Plan every tensor (name, shape, type) first: the header announces them all, bad imatrix
     # entries fail before any work, and the data is then streamed one tensor at a time, so peak
     # memory is the model plus one float32 copy and one encoded tensor.
-    plan: List[Tuple[Optional[str], str, Tuple[int, ...], str, str]] = []
+    plan: List[_Planned] = []
     unmapped = []
     for hf_name, tensor in state.items():
         gname = gguf_tensor_name(hf_name)
@@ -372,19 +373,18 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
             continue
         shape = tuple(int(d) for d in tensor.shape)
         t, why = choose_type(gname, shape, ctx, rules)
-        if len(shape) >= 2:
-            _imatrix_for(imatrix, gname, hf_name, shape[-1])
-        plan.append((hf_name, gname, shape, t, why))
-    _check_complete({g for _, g, *_ in plan}, int(cfg.num_hidden_layers), unmapped)
+        imp = _imatrix_for(imatrix, gname, hf_name, shape[-1]) if len(shape) >= 2 else None
+        plan.append(_Planned(hf_name, gname, shape, t, why, imp))
+    _check_complete({p.gguf_name for p in plan}, int(cfg.num_hidden_layers), unmapped)
     rope_factors = _rope_freq_factors(cfg)
     if rope_factors is not None:
         # llama.cpp divides each rotary frequency by these (F32, as its converter writes them)
-        plan.append((None, "rope_freqs.weight", rope_factors.shape, "F32", "llama3 rope scaling factors"))
+        plan.append(_Planned(None, "rope_freqs.weight", rope_factors.shape, "F32", "llama3 rope scaling factors", None))
 
     report = ExportReport(os.fspath(path), quant)
     log.info("export_gguf: %d tensors as %s -> %s", len(plan), quant, report.path)
-    with w.stream([(g, shape, t) for _, g, shape, t, _ in plan]) as out:
-        for hf_name, gname, shape, t, why in _progress(plan, f"GGUF {quant}", show_progress):
+    with w.stream([(p.gguf_name, p.shape, p.ggml_type) for p in plan]) as out:
+        for hf_name, gname, shape, t, why, imp in progress(plan, f"GGUF {quant}", show_progress, unit="tensor"):
             if hf_name is None:
                 a = rope_factors
             else:
@@ -394,7 +394,6 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
                 elif permute and gname.endswith("attn_k.weight"):
                     a = permute_qk(a, n_head, n_kv)
             a = np.ascontiguousarray(a, dtype=np.float32)
-            imp = _imatrix_for(imatrix, gname, hf_name, a.shape[-1]) if (a.ndim >= 2 and hf_name) else None
             qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
             try:
                 q = quantize(a, t, imatrix=imp, mode=qmode)
@@ -404,6 +403,18 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+class _Planned(NamedTuple):
+    """One tensor of an export: its source (None: computed, e.g. rope factors), GGUF name and
+    shape, the chosen type and why, and its importance vector if an imatrix covers it."""
+
+    hf_name: Optional[str]
+    gguf_name: str
+    shape: Tuple[int, ...]
+    ggml_type: str
+    reason: str
+    imatrix: Optional[np.ndarray]
 
 
 _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -421,15 +432,6 @@ def _check_complete(names, n_layers: int, unmapped: List[str]) -> None:
             f"the model has no weights for {', '.join(missing[:4])}{more}, which llama.cpp requires; parameters with "
             f"no llama.cpp name: {', '.join(unmapped[:4]) or 'none'}{' ...' if len(unmapped) > 4 else ''}. "
             "Merge adapters / unwrap modules so the parameters have their Hugging Face names")
-
-
-def _progress(items: List, desc: str, show: Optional[bool]):
-    if show is False or (show is None and len(items) < 2):
-        return items
-    from tqdm.auto import tqdm
-
-    # show=None: tqdm decides (disabled when output is not a terminal or notebook)
-    return tqdm(items, desc=desc, unit="tensor", disable=None if show is None else False, leave=False)
 
 
 __all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "load_gguf_weights",

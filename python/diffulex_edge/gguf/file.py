@@ -134,6 +134,16 @@ class GGUFFile:
         return w
 
 
+def _gguf_dims(shape: Sequence[int]) -> Tuple[int, ...]:
+    """numpy shape -> GGUF dims (innermost first)."""
+    return tuple(int(d) for d in reversed(tuple(shape)))
+
+
+def _type_id(ggml_type) -> int:
+    # an int id may name any ggml type (sizes are checked in Rust); names must be ones we know
+    return int(ggml_type) if isinstance(ggml_type, (int, np.integer)) else type_info(ggml_type).id
+
+
 class GGUFWriter:
     """Collect metadata and tensors, then :meth:`write` them as one GGUF v3 file."""
 
@@ -157,16 +167,18 @@ class GGUFWriter:
 
     def add_raw_tensor(self, name: str, data: np.ndarray, ggml_type, shape: Sequence[int]) -> None:
         """Add already-encoded bytes of ``ggml_type`` for a tensor of numpy ``shape``."""
-        # an int id may name any ggml type (sizes are checked in Rust); names must be ones we know
-        tid = int(ggml_type) if isinstance(ggml_type, (int, np.integer)) else type_info(ggml_type).id
+        tid = _type_id(ggml_type)
         raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        self._tensors[name] = (tuple(int(s) for s in reversed(tuple(shape))), tid, raw)
+        self._tensors[name] = (_gguf_dims(shape), tid, raw)
 
     def add_tensor(self, name: str, array, ggml_type="F32", imatrix: Optional[np.ndarray] = None,
                    mode: str = "search") -> None:
         """Encode a float array as ``ggml_type`` and add it."""
         a = np.asarray(array.detach().cpu().float().numpy() if hasattr(array, "detach") else array, dtype=np.float32)
         self.add_raw_tensor(name, quantize(a, ggml_type, imatrix=imatrix, mode=mode), ggml_type, a.shape)
+
+    def _native_metadata(self) -> List[Tuple[str, List[int], Any]]:
+        return [(k, list(t), v) for k, (t, v) in self._metadata.items()]
 
     def stream(self, tensors: Sequence[Tuple[str, Sequence[int], Any]],
                path: Optional[Union[str, os.PathLike]] = None) -> "GGUFStreamWriter":
@@ -177,18 +189,14 @@ class GGUFWriter:
         target = os.fspath(path) if path is not None else self.path
         if target is None:
             raise ConfigError("GGUFWriter.stream needs a path")
-        md = [(k, list(t), v) for k, (t, v) in self._metadata.items()]
-        specs = []
-        for name, shape, ggml_type in tensors:
-            tid = int(ggml_type) if isinstance(ggml_type, (int, np.integer)) else type_info(ggml_type).id
-            specs.append((name, [int(d) for d in reversed(tuple(shape))], tid))
-        return GGUFStreamWriter(_native.GGUFStreamWriter(target, md, specs), target)
+        specs = [(name, list(_gguf_dims(shape)), _type_id(ggml_type)) for name, shape, ggml_type in tensors]
+        return GGUFStreamWriter(_native.GGUFStreamWriter(target, self._native_metadata(), specs), target)
 
     def write(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
         target = os.fspath(path) if path is not None else self.path
         if target is None:
             raise ConfigError("GGUFWriter.write needs a path")
-        md = [(k, list(t), v) for k, (t, v) in self._metadata.items()]
+        md = self._native_metadata()
         ts = [(n, list(dims), tid, raw) for n, (dims, tid, raw) in self._tensors.items()]
         _native.gguf_write(target, md, ts)
         return target

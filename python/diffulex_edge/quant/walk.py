@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .._progress import progress
 from ..errors import NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
 from .config import QuantizationConfig, QuantizationDtype
 from .nn import QuantizedLinear
@@ -164,15 +165,6 @@ def _lookup(table: Optional[Mapping[str, Any]], name: str) -> Any:
     return table[name]
 
 
-def _progress(items: List, desc: str, show: Optional[bool]):
-    if show is False or (show is None and len(items) < 2):
-        return items
-    from tqdm.auto import tqdm
-
-    # show=None: tqdm decides (disabled when output is not a terminal or notebook)
-    return tqdm(items, desc=desc, unit="layer", disable=None if show is None else False, leave=False)
-
-
 def quantize_model(
     model: nn.Module,
     cfg: QuantizationConfig,
@@ -211,7 +203,7 @@ def quantize_model(
                            "they are quantized round-to-nearest")
     new_modules: Dict[str, QuantizedLinear] = {}
     records: List[LayerRecord] = []
-    for name, lin in _progress(plan.layers, f"quantize {fmt}", show_progress):
+    for name, lin in progress(plan.layers, f"quantize {fmt}", show_progress, unit="layer"):
         q = QuantizedLinear.from_linear(
             lin, cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric,
             act_mode=cfg.mode, act_scale=(act_scales or {}).get(name), kernel=cfg.kernel, name=name,
