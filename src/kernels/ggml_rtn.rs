@@ -39,6 +39,20 @@ impl LegacyKind {
             LegacyKind::Q8_0 => 34,
         }
     }
+
+    /// The 4/5-bit codes as the reference computes them, for the SIMD emitters:
+    /// `(symmetric, top code, added before truncation)`; symmetric: `trunc(v * id + (half + 0.5))`,
+    /// affine: `trunc((v - min) * id + 0.5)`, both clamped to `0..=top`. Not for Q8_0, which
+    /// rounds half away from zero and has its own emitters.
+    pub(crate) const fn code_params(self) -> (bool, i32, f32) {
+        match self {
+            LegacyKind::Q4_0 => (true, 15, 8.5),
+            LegacyKind::Q5_0 => (true, 31, 16.5),
+            LegacyKind::Q4_1 => (false, 15, 0.5),
+            LegacyKind::Q5_1 => (false, 31, 0.5),
+            LegacyKind::Q8_0 => panic!("Q8_0 codes are not 4/5-bit"),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -201,14 +215,8 @@ mod imp {
             write_header(kind, ob, dh, 0, 0);
             return;
         }
-        let sym = matches!(kind, LegacyKind::Q4_0 | LegacyKind::Q5_0);
-        let qmax = if matches!(kind, LegacyKind::Q4_0 | LegacyKind::Q4_1) { 15 } else { 31 };
-        // symmetric: trunc(v * id + (half + 0.5)); affine: trunc((v - min) * id + 0.5)
-        let add = _mm512_set1_ps(match kind {
-            LegacyKind::Q4_0 => 8.5,
-            LegacyKind::Q5_0 => 16.5,
-            _ => 0.5,
-        });
+        let (sym, qmax, add) = kind.code_params();
+        let add = _mm512_set1_ps(add);
         let offv = _mm512_set1_ps(off);
         let (zero, top) = (_mm512_setzero_si512(), _mm512_set1_epi32(qmax));
         let code = |v: __m512| {
@@ -493,17 +501,8 @@ mod imp {
                     write_header(kind, ob, f32_to_f16(d), 0, 0);
                 }
                 _ => {
-                    let (sym, qmax) = match kind {
-                        LegacyKind::Q4_0 => (true, 15),
-                        LegacyKind::Q5_0 => (true, 31),
-                        LegacyKind::Q4_1 => (false, 15),
-                        _ => (false, 31),
-                    };
-                    let add = _mm256_set1_ps(match kind {
-                        LegacyKind::Q4_0 => 8.5,
-                        LegacyKind::Q5_0 => 16.5,
-                        _ => 0.5,
-                    });
+                    let (sym, qmax, add) = kind.code_params();
+                    let add = _mm256_set1_ps(add);
                     let offv = _mm256_set1_ps(off);
                     let (zero, top) = (_mm256_setzero_si256(), _mm256_set1_epi32(qmax));
                     let code = |v: __m256| {
