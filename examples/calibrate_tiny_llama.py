@@ -17,12 +17,12 @@ import time
 import torch
 
 from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, SmoothQuantConfig, compute_imatrix, smoothquant_w8a8
+from diffulex_edge.data import wikitext2
 from diffulex_edge.eval import perplexity
 from diffulex_edge.hf import load_model
 from diffulex_edge.quant import INT4Quantizer, INT8Quantizer, QuantizationConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "wikitext-2")
 
 
 def plant_outliers(model, factor: float, n: int = 4, seed: int = 0) -> None:
@@ -41,7 +41,8 @@ def plant_outliers(model, factor: float, n: int = 4, seed: int = 0) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(HERE, "tiny-llama-wikitext"))
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--valid", default=None, help="calibration text (default: the bundled WikiText-2 valid sample, or the full split when DIFFULEX_EDGE_WIKITEXT2 names its folder)")
+    ap.add_argument("--test", default=None, help="evaluation text (default: WikiText-2 test, as --valid)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -56,9 +57,9 @@ def main() -> None:
     model, tok = load_model(args.model)
     if args.plant_outliers:
         plant_outliers(model, args.plant_outliers)
-    calib = CalibrationDataset(os.path.join(args.data, "valid.txt"), tok, n_samples=args.samples, seq_len=args.seq_len,
+    calib = CalibrationDataset(args.valid or wikitext2("valid"), tok, n_samples=args.samples, seq_len=args.seq_len,
                                batch_size=8, show_progress=False)
-    test = os.path.join(args.data, "test.txt")
+    test = args.test or wikitext2("test")
 
     def ppl(m):
         return perplexity(m, test, tok, seq_len=args.seq_len, max_tokens=args.max_tokens, reference_model=model,

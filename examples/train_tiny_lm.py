@@ -8,7 +8,7 @@ examples/tiny-llama-wikitext/ was made with the defaults:
     python examples/train_tiny_lm.py --out examples/tiny-llama-wikitext
 
 (about 15-30 minutes on 2 CPU cores). Perplexity is then measured on test.txt, e.g.
-`diffulex-quant eval examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/test.txt`.
+`diffulex-quant eval examples/tiny-llama-wikitext --text wikitext2-test`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import os
 import time
 
 import torch
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -39,7 +37,8 @@ def train_tokenizer(text: str, vocab_size: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", default=os.path.join(DATA, "valid.txt"), help="training text (default: WikiText-2 valid)")
+    p.add_argument("--train", default=None,
+                   help="training text (default: WikiText-2 valid; the committed checkpoint was trained on the full split: set DIFFULEX_EDGE_WIKITEXT2 to its folder, else the bundled sample is used)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--dim", type=int, default=128)
@@ -58,6 +57,10 @@ def main() -> None:
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
+    if a.train is None:
+        from diffulex_edge.data import wikitext2
+
+        a.train = wikitext2("valid")
     with open(a.train, encoding="utf-8") as fh:
         text = fh.read()
     tok = train_tokenizer(text, a.vocab)

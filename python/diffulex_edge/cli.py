@@ -10,18 +10,28 @@ from typing import List, Optional, Sequence
 
 EPILOG = """examples:
   diffulex-quant quantize examples/tiny-llama-wikitext --dtype int4 --group-size 32 -o /tmp/tiny-int4
-  diffulex-quant eval /tmp/tiny-int4 --text ../shared/data/wikitext-2/test.txt --reference examples/tiny-llama-wikitext
-  diffulex-quant compare examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/test.txt --html report.html
+  diffulex-quant eval /tmp/tiny-int4 --text wikitext2-test --reference examples/tiny-llama-wikitext
+  diffulex-quant compare examples/tiny-llama-wikitext --text wikitext2-test --html report.html
   diffulex-quant info /tmp/tiny-int4
-  diffulex-quant imatrix examples/tiny-llama-wikitext --text ../shared/data/wikitext-2/valid.txt -o imatrix.gguf
+  diffulex-quant imatrix examples/tiny-llama-wikitext --text wikitext2-valid -o imatrix.gguf
   diffulex-quant gguf examples/tiny-llama-wikitext -o tiny-Q4_K_M.gguf --quant Q4_K_M --imatrix imatrix.gguf
 """
+
+
+_BUILTIN_HELP = "; or wikitext2-test / wikitext2-valid: the WikiText-2 samples bundled with the package"
+
+
+def _text_arg(value: str) -> str:
+    """``--text`` / ``--calibration``: a file, or the name of a bundled text (resolved to its path)."""
+    from .data import resolve_text
+
+    return resolve_text(value)
 
 
 def _add_eval_text_args(p: argparse.ArgumentParser) -> None:
     """MODEL_DIR and the held-out text options that `eval` and `compare` share."""
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--text", required=True, metavar="FILE", help="held-out text file (UTF-8)")
+    p.add_argument("--text", required=True, metavar="FILE", type=_text_arg, help="held-out text file (UTF-8)" + _BUILTIN_HELP)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
 
@@ -48,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="INT8 only: also quantize activations per token (dynamic) or with calibrated scales (static)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (name, prefix, glob, or re:REGEX); repeatable")
-    q.add_argument("--calibration", metavar="TEXT_FILE", help="text for --mode static calibration")
+    q.add_argument("--calibration", metavar="TEXT_FILE", type=_text_arg, help="text for --mode static calibration" + _BUILTIN_HELP)
     q.add_argument("--config", metavar="YAML", help="a QuantizationConfig YAML file; command-line flags you pass override it")
     q.add_argument("--imatrix", metavar="FILE", help="INT4: importance matrix (llama.cpp GGUF or .dat) for a weighted scale search")
 
@@ -69,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_text_args(c)
     c.add_argument("--schemes", default="fp32,fp16,int8,w8a8-dynamic,int4-g128,int4-g32",
                    help="comma-separated: fp32 fp16 bf16 int8 w8a8-dynamic w8a8-static int4-gN[-sym] (default: %(default)s)")
-    c.add_argument("--calibration", metavar="TEXT_FILE", help="calibration text (needed by w8a8-static)")
+    c.add_argument("--calibration", metavar="TEXT_FILE", type=_text_arg, help="calibration text (needed by w8a8-static)" + _BUILTIN_HELP)
     c.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots")
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
     c.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
@@ -86,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  diffulex-quant imatrix MODEL_DIR --text valid.txt -o imatrix.gguf",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("model_dir", metavar="MODEL_DIR")
-    m.add_argument("--text", required=True, metavar="FILE", help="calibration text file (UTF-8)")
+    m.add_argument("--text", required=True, metavar="FILE", type=_text_arg, help="calibration text file (UTF-8)" + _BUILTIN_HELP)
     m.add_argument("-o", "--output", required=True, metavar="OUT", help="imatrix file to write (.gguf or .dat)")
     m.add_argument("--samples", type=int, default=128, help="calibration sequences, 128..1024 (default 128)")
     m.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")

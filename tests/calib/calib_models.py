@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")
 TOKENIZER = os.path.join(REPO, "examples", "tiny-llama-wikitext", "tokenizer.json")
 
 

@@ -1,18 +1,17 @@
-import os
 import warnings
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from calib_models import WIKITEXT
 from diffulex_edge.calib import CalibrationDataset
 from diffulex_edge.calib.dataset import as_calibration, run_batch
+from diffulex_edge.data import wikitext2
 from diffulex_edge.errors import ConfigError
 
 
 def test_text_with_tokenizer_gives_consecutive_windows(tokenizer):
-    path = os.path.join(WIKITEXT, "valid.txt")
+    path = wikitext2("valid", sample=True)
     ds = CalibrationDataset(path, tokenizer, n_samples=128, seq_len=32, batch_size=4, show_progress=False)
     assert ds.n_samples == 128 and len(ds) == 32
     batches = list(ds)
@@ -103,3 +102,30 @@ def test_calibration_names_are_reexported_from_quant():
         assert getattr(quant, name) is getattr(calib, name)
     with pytest.raises(AttributeError):
         quant.no_such_name
+
+
+def test_missing_text_file_is_an_error_not_a_text(tokenizer, tmp_path):
+    # a fresh clone once fed "…/valid.txt" (absent) to the tokenizer as 30 tokens of text
+    for missing in (str(tmp_path / "valid.txt"), "data/valid.txt", tmp_path / "none"):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            CalibrationDataset(missing, tokenizer, n_samples=None, seq_len=4)
+    # texts without a newline are still texts
+    ds = CalibrationDataset("the cat sat on the mat and the dog sat on the log", tokenizer, n_samples=None, seq_len=4)
+    assert ds.n_samples >= 2
+
+
+def test_bundled_wikitext_samples_are_prefixes_of_the_splits(monkeypatch, tmp_path):
+    for split in ("test", "valid"):
+        with open(wikitext2(split, sample=True), encoding="utf-8") as fh:
+            text = fh.read()
+        assert len(text) > 150_000 and text.startswith(" \n = ")
+        full = tmp_path / f"{split}.txt"
+        full.write_text(text + " = Next article = \n", encoding="utf-8")
+    monkeypatch.setenv("DIFFULEX_EDGE_WIKITEXT2", str(tmp_path))
+    assert wikitext2("test") == str(tmp_path / "test.txt")
+    assert wikitext2("test", sample=True) != str(tmp_path / "test.txt")
+    monkeypatch.setenv("DIFFULEX_EDGE_WIKITEXT2", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="DIFFULEX_EDGE_WIKITEXT2"):
+        wikitext2("valid")
+    with pytest.raises(ConfigError, match="split"):
+        wikitext2("train", sample=True)

@@ -1,10 +1,7 @@
-import os
-
 import pytest
 import torch
 from torch import nn
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "wikitext-2")
 
 
 class Bigram(nn.Module):
@@ -30,10 +27,10 @@ def bigram():
 
 @pytest.fixture(scope="session")
 def wikitext_sample():
-    path = os.path.join(DATA, "test.txt")
-    if not os.path.exists(path):
-        pytest.skip("WikiText-2 data not found next to the repository")
-    with open(path, encoding="utf-8") as fh:
+    from diffulex_edge.data import wikitext2
+
+    # the sample bundled with the package: the same first 20,000 characters as the full split
+    with open(wikitext2("test", sample=True), encoding="utf-8") as fh:
         return fh.read()[:20000]
 
 

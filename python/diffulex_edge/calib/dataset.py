@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..data import read_text
 from ..errors import ConfigError
 
 #: Default number of calibration sequences and the accepted range (llama.cpp's imatrix and most
@@ -18,14 +19,6 @@ DEFAULT_SAMPLES = 512
 MIN_SAMPLES, MAX_SAMPLES = 128, 1024
 
 TextLike = Union[str, os.PathLike, Sequence[str]]
-
-
-def _read_text(data: Union[str, os.PathLike]) -> str:
-    text = os.fspath(data)
-    if isinstance(data, os.PathLike) or ("\n" not in text and len(text) < 4096 and os.path.isfile(text)):
-        with open(text, encoding="utf-8") as fh:
-            return fh.read()
-    return text
 
 
 def _encode(tokenizer: Any, text: str) -> List[int]:
@@ -125,7 +118,7 @@ class CalibrationDataset:
         need = None if limit is None else limit * self.seq_len
         ids: List[int] = []
         for t in texts:
-            text = _read_text(t)
+            text = read_text(t)
             # tokenize paragraph by paragraph and stop once there are enough tokens
             start = 0
             while start < len(text) and (need is None or len(ids) < need):

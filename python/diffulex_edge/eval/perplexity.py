@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import read_text
 from ..errors import ConfigError, UnsupportedFormatError
 
 TextOrTokens = Union[str, os.PathLike, torch.Tensor, Sequence[int]]
@@ -30,10 +31,7 @@ def tokenize(text_or_tokens: TextOrTokens, tokenizer: Any = None) -> torch.Tenso
     if isinstance(text_or_tokens, torch.Tensor):
         ids = text_or_tokens.reshape(-1).to(torch.long)
     elif isinstance(text_or_tokens, (str, os.PathLike)):
-        text = os.fspath(text_or_tokens)
-        if isinstance(text_or_tokens, os.PathLike) or ("\n" not in text and os.path.isfile(text)):
-            with open(text, encoding="utf-8") as fh:
-                text = fh.read()
+        text = read_text(text_or_tokens)
         if tokenizer is None:
             raise ConfigError("a text needs a tokenizer: pass tokenizer=... (a tokenizers.Tokenizer or a HF tokenizer)")
         enc = tokenizer.encode(text)
