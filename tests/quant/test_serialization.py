@@ -358,3 +358,166 @@ def test_meta_device_skeleton_is_materialized(tmp_path, make_tied_lm, ext):
     ids = torch.randint(0, 50, (2, 4))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+# ---- the metadata schema and the tensors of each quantized layer -----------------------------------
+
+def _protected_int4_w8a8_model():
+    from diffulex_edge.quant import INT4Quantizer
+
+    model = Net().eval()
+    model = INT4Quantizer().quantize(model, QuantizationConfig(dtype="int4", group_size=32),
+                                     protect={"up": [(1, 2), (5, 7)]}).model
+    model.out = QuantizedLinear.from_linear(nn.Linear(64, 10), "int8", act_mode="static", act_scale=0.05)
+    return model
+
+
+def _rewrite(src, dst, ext, edit_meta=None, edit_state=None):
+    """Copy a save_quantized file with its metadata / tensors edited (as a mutated file would be)."""
+    if ext == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(src), framework="pt") as f:
+            meta = json.loads(f.metadata()["diffulex_edge"])
+        state = safetensors.torch.load_file(str(src))
+    else:
+        payload = torch.load(src, weights_only=True)
+        meta, state = payload["diffulex_edge"], payload["state_dict"]
+    meta = edit_meta(meta) if edit_meta else meta
+    if edit_state:
+        edit_state(state)
+    if ext == ".safetensors":
+        safetensors.torch.save_file(state, str(dst), metadata={"diffulex_edge": json.dumps(meta)})
+    else:
+        torch.save({"diffulex_edge": meta, "state_dict": state}, dst)
+
+
+def _set(path, value):
+    def edit(meta):
+        node = meta
+        for k in path[:-1]:
+            node = node[k]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return meta
+
+    return edit
+
+
+_DELETE = object()
+
+META_CASES = {
+    "meta_not_object": (lambda m: 5, "must be a JSON object"),
+    "layers_not_object": (_set(["layers"], [1, 2]), "key 'layers'"),
+    "unknown_top_key": (_set(["bogus"], 1), "key 'bogus'"),
+    "version_not_string": (_set(["version"], 3), "key 'version'"),
+    "spec_not_object": (_set(["layers", "up"], 7), "key 'layers.up'"),
+    "unknown_spec_key": (_set(["layers", "up", "bogus"], 1), "key 'layers.up'.*'bogus'"),
+    "missing_in_features": (_set(["layers", "up", "in_features"], _DELETE), "'in_features'"),
+    "in_features_string": (_set(["layers", "up", "in_features"], "64"), "'in_features'"),
+    "in_features_bool": (_set(["layers", "up", "in_features"], True), "'in_features'"),
+    "out_features_huge": (_set(["layers", "up", "out_features"], 2**40), "'out_features'"),
+    "dtype_unknown": (_set(["layers", "up", "dtype"], "int3"), "'dtype'"),
+    "dtype_number": (_set(["layers", "up", "dtype"], 4), "'dtype'"),
+    "group_size_odd": (_set(["layers", "up", "group_size"], 33), "'group_size'"),
+    "symmetric_string": (_set(["layers", "up", "symmetric"], "yes"), "'symmetric'"),
+    "act_mode_for_int4": (_set(["layers", "up", "act_mode"], "dynamic"), "'act_mode'"),
+    "act_mode_unknown": (_set(["layers", "out", "act_mode"], "sometimes"), "'act_mode'"),
+    "n_protect_huge": (_set(["layers", "up", "n_protect"], 10**12), "'n_protect'"),
+    "n_protect_negative": (_set(["layers", "up", "n_protect"], -1), "'n_protect'"),
+    "bias_dtype_unknown": (_set(["layers", "up", "bias_dtype"], "int64"), "'bias_dtype'"),
+    "bias_dtype_number": (_set(["layers", "up", "bias_dtype"], 3), "'bias_dtype'"),
+    "bias_not_bool": (_set(["layers", "up", "bias"], 1), "'bias'"),
+}
+
+
+def _edit_tensor(key, fn):
+    def edit(state):
+        state[key] = fn(state[key])
+
+    return edit
+
+
+STATE_CASES = {
+    "qweight_dtype": (_edit_tensor("up.qweight", lambda t: t.to(torch.int16)), "up.*'qweight'.*int16"),
+    "scales_shape": (_edit_tensor("up.scales", lambda t: t[:, :1].contiguous()), "up.*'scales'"),
+    "scales_nan": (_edit_tensor("up.scales", lambda t: t.fill_(float("nan"))), "up.*'scales'.*NaN"),
+    "zeros_over_15": (_edit_tensor("up.zeros", lambda t: t.fill_(16)), "up.*'zeros'"),
+    "protect_row_outside": (_edit_tensor("up.protect_index", lambda t: t.index_fill_(1, torch.tensor([0]), 500)), "protect_index"),
+    "protect_negative": (_edit_tensor("up.protect_index", lambda t: t.fill_(-1)), "protect_index"),
+    "act_scale_zero": (_edit_tensor("out.act_scale", lambda t: t.fill_(0.0)), "act_scale"),
+    "missing_qweight": (lambda s: s.pop("up.qweight"), "up.*'qweight'.*missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_protected(tmp_path_factory):
+    d = tmp_path_factory.mktemp("protected")
+    model = _protected_int4_w8a8_model()
+    paths = {ext: d / f"model{ext}" for ext in EXTS}
+    for ext in EXTS:
+        save_quantized(model, paths[ext])
+    return paths
+
+
+def test_protected_model_round_trips(saved_protected):
+    for ext, path in saved_protected.items():
+        loaded = load_quantized(path, Net())
+        assert loaded.up.n_protect == 2 and loaded.out.act_mode == "static"
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("case", list(META_CASES) + list(STATE_CASES))
+def test_schema_violations_are_corrupt_file_errors_naming_the_key(tmp_path, saved_protected, ext, case):
+    edit_meta, match = META_CASES.get(case, (None, None))
+    edit_state = None
+    if case in STATE_CASES:
+        edit_state, match = STATE_CASES[case]
+    bad = tmp_path / f"bad{ext}"
+    _rewrite(saved_protected[ext], bad, ext, edit_meta, edit_state)
+    skeleton = Net()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(CorruptFileError, match=match) as e:
+        load_quantized(bad, skeleton)
+    assert str(bad) in str(e.value)
+    assert [type(m) for m in skeleton.modules()] == [type(m) for m in Net().modules()]
+    assert all(torch.equal(skeleton.state_dict()[k], v) for k, v in before.items())
+
+
+def test_files_from_before_n_protect_and_bias_dtype_still_load(tmp_path, saved):
+    """Optional spec keys take their defaults (files written before they existed lack them)."""
+    def drop(meta):
+        for spec in meta["layers"].values():
+            spec.pop("n_protect"), spec.pop("bias_dtype"), spec.pop("act_mode")
+        return meta
+
+    old = tmp_path / "old.safetensors"
+    _rewrite(saved[".safetensors"], old, ".safetensors", drop)
+    assert isinstance(load_quantized(old, Net()).up, QuantizedLinear)
+
+
+def test_header_sizes_are_checked_before_allocating(tmp_path, saved_protected, monkeypatch):
+    """A spec promising a huge layer fails on the metadata or tensor check, before any buffer of
+    that size exists (the skeleton here has matching huge features, on the meta device)."""
+    big = 1 << 20
+    bad = tmp_path / "big.safetensors"
+    _rewrite(saved_protected[".safetensors"], bad, ".safetensors",
+             lambda m: _set(["layers", "up", "in_features"], big)(_set(["layers", "up", "out_features"], big)(m)))
+    skeleton = Net()
+    with torch.device("meta"):
+        skeleton.up = nn.Linear(big, big)
+    allocated = []
+    real_zeros = torch.zeros
+
+    def spy(*shape, **kw):
+        t = real_zeros(*shape, **kw)
+        if t.device.type != "meta":
+            allocated.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "zeros", spy)
+    with pytest.raises(CorruptFileError, match="'qweight'"):
+        load_quantized(bad, skeleton)
+    assert not allocated or max(allocated) < big

@@ -243,13 +243,89 @@ class QuantizedLinear(nn.Module):
         }
 
     @classmethod
+    def check_spec(cls, spec: Any) -> Dict[str, Any]:
+        """Validate a :meth:`spec` dict (e.g. read from a file) and return it with defaults filled
+        in and ``bias_dtype`` as a ``torch.dtype``. Raises :class:`ConfigError` naming the key
+        (unknown, missing, wrong type or out of range); allocates nothing."""
+        if not isinstance(spec, dict):
+            raise ConfigError(f"a layer spec must be a JSON object, got {type(spec).__name__}")
+        unknown = sorted(str(k) for k in spec if k not in _SPEC_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"key {unknown[0]!r}: unknown spec key; known: {', '.join(_SPEC_DEFAULTS)}")
+        missing = [k for k, d in _SPEC_DEFAULTS.items() if d is _REQUIRED and k not in spec]
+        if missing:
+            raise ConfigError(f"key {missing[0]!r}: missing from the layer spec")
+        out = {k: spec.get(k, d) for k, d in _SPEC_DEFAULTS.items()}
+
+        def bad(key: str, want: str) -> ConfigError:
+            return ConfigError(f"key {key!r}: expected {want}, got {out[key]!r}")
+
+        for key in ("in_features", "out_features"):
+            if not _is_int(out[key]) or not 1 <= out[key] <= _MAX_FEATURES:
+                raise bad(key, f"an int in 1..{_MAX_FEATURES}")
+        if not isinstance(out["bias"], bool):
+            raise bad("bias", "true or false")
+        if not isinstance(out["dtype"], str):
+            raise bad("dtype", "a format name")
+        try:
+            qdtype = QuantizationDtype.parse(out["dtype"])
+        except ConfigError as e:
+            raise ConfigError(f"key 'dtype': {e}") from None
+        if qdtype == QuantizationDtype.INT4:
+            if not _is_int(out["group_size"]) or out["group_size"] not in INT4_GROUP_SIZES:
+                raise bad("group_size", f"one of {INT4_GROUP_SIZES}")
+        elif not _is_int(out["group_size"]) or out["group_size"] < 1:
+            raise bad("group_size", "a positive int")
+        if out["symmetric"] is not None and not isinstance(out["symmetric"], bool):
+            raise bad("symmetric", "true, false or null")
+        if not isinstance(out["act_mode"], str) or out["act_mode"] not in MODES:
+            raise bad("act_mode", f"one of {MODES}")
+        if out["act_mode"] != "weight_only" and qdtype != QuantizationDtype.INT8:
+            raise bad("act_mode", "'weight_only' (activation quantization needs dtype int8)")
+        if not _is_int(out["n_protect"]) or not 0 <= out["n_protect"] <= out["in_features"] * out["out_features"]:
+            raise bad("n_protect", "an int between 0 and in_features * out_features")
+        if out["bias_dtype"] not in _BIAS_DTYPES:
+            raise bad("bias_dtype", f"one of {', '.join(_BIAS_DTYPES)}")
+        out["bias_dtype"] = _BIAS_DTYPES[out["bias_dtype"]]
+        return out
+
+    @classmethod
     def from_spec(cls, spec: Dict[str, Any], device=None) -> "QuantizedLinear":
-        args = dict(spec)
-        bias_dtype = getattr(torch, args.pop("bias_dtype", "float32"))
-        return cls(
-            args.pop("in_features"), args.pop("out_features"), args.pop("bias"),
-            bias_dtype=bias_dtype, device=device, **args,
-        )
+        """An empty layer (buffers to be filled, e.g. by ``load_state_dict``) from a :meth:`spec`
+        dict; ``device="meta"`` builds it without allocating."""
+        args = cls.check_spec(spec)
+        return cls(args.pop("in_features"), args.pop("out_features"), args.pop("bias"), device=device, **args)
+
+    def check_state(self, state: Dict[str, Any]) -> None:
+        """Check tensors meant for this layer's buffers (``{buffer name: tensor}``, e.g. read from
+        a file) before loading them: every buffer present with this layer's exact shape and dtype,
+        and values the format allows (INT4 zero points < 16, finite scales, protected positions
+        inside the weight). Works on a ``device="meta"`` layer. Raises :class:`ConfigError`
+        naming the buffer."""
+        for key, want in self.state_dict().items():
+            t = state.get(key)
+            if t is None:
+                raise ConfigError(f"tensor {key!r}: missing")
+            if not isinstance(t, torch.Tensor):
+                raise ConfigError(f"tensor {key!r}: expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                raise ConfigError(
+                    f"tensor {key!r}: expected {str(want.dtype).replace('torch.', '')} {list(want.shape)} for this "
+                    f"layer, got {str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+                )
+        for key in ("scales", "act_scale", "protect_values"):
+            if key in state and not bool(torch.isfinite(state[key]).all()):
+                raise ConfigError(f"tensor {key!r}: holds NaN or Inf")
+        if "act_scale" in state and not float(state["act_scale"]) > 0:
+            raise ConfigError(f"tensor 'act_scale': must be positive, got {float(state['act_scale'])}")
+        if self.qdtype == QuantizationDtype.INT4 and bool((state["zeros"] > 15).any()):
+            raise ConfigError("tensor 'zeros': INT4 zero points must be 0..15")
+        if self.n_protect:
+            idx = state["protect_index"]
+            if bool(((idx < 0).any() | (idx[0] >= self.out_features).any() | (idx[1] >= self.in_features).any())):
+                raise ConfigError(
+                    f"tensor 'protect_index': positions outside the [{self.out_features}, {self.in_features}] weight"
+                )
 
     def storage_bytes(self) -> int:
         """Bytes held by this layer's buffers (quantized weight, scales, zero points, bias)."""
@@ -336,6 +412,21 @@ class QuantizedLinear(nn.Module):
         if self.n_protect:
             parts.append(f"protected={self.n_protect}")
         return ", ".join(parts)
+
+
+_REQUIRED = object()
+#: The keys of :meth:`QuantizedLinear.spec` and their defaults (files from before a key existed
+#: lack it): everything a file may say about a layer.
+_SPEC_DEFAULTS: Dict[str, Any] = {
+    "in_features": _REQUIRED, "out_features": _REQUIRED, "bias": _REQUIRED, "dtype": _REQUIRED,
+    "group_size": 128, "symmetric": None, "act_mode": "weight_only", "n_protect": 0, "bias_dtype": "float32",
+}
+_BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_MAX_FEATURES = 2**31 - 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _protect_index(protect: Any, out_features: int, in_features: int, name: Optional[str]) -> Optional[torch.Tensor]:

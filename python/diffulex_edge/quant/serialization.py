@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import __version__
 from .._io import atomic_write
-from ..errors import CorruptFileError, ShapeError, UnsupportedFormatError
+from ..errors import ConfigError, CorruptFileError, ShapeError, UnsupportedFormatError
 from .nn import QuantizedLinear
 from .walk import _set_module
 
@@ -45,88 +45,130 @@ def save_quantized(model: nn.Module, path: PathLike) -> None:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _read_meta_safetensors(path: str) -> Dict[str, Any]:
+_META_KEYS = ("format", "version", "layers")
+
+
+def _corrupt(path: str, what: str, *, layer: Optional[str] = None) -> CorruptFileError:
+    return CorruptFileError(f"{path}: {what}", layer=layer)
+
+
+def _read_safetensors(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """(metadata as parsed JSON, tensors) of a safetensors file; every failure is CorruptFileError."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("diffulex_edge")
-            keys = set(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except Exception as e:
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from e
+        raise _corrupt(path, f"not a readable safetensors file ({e})") from e
     if raw is None:
-        raise CorruptFileError(f"{path}: no diffulex-edge metadata; was it written by save_quantized?")
+        raise _corrupt(path, "no diffulex-edge metadata (key 'diffulex_edge'); was it written by save_quantized?")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{path}: diffulex-edge metadata is not valid JSON ({e})") from e
-    meta["_keys"] = keys
-    meta["_shapes"] = shapes
-    return meta
+    except (ValueError, RecursionError) as e:
+        raise _corrupt(path, f"metadata key 'diffulex_edge' is not valid JSON ({e})") from e
+    try:  # safetensors checks every tensor's extent against the file before reading it
+        state = load_file(path, device="cpu")
+    except Exception as e:
+        raise _corrupt(path, f"tensor data unreadable ({e})") from e
+    return meta, state
+
+
+def _read_archive(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _corrupt(path, f"not a readable torch archive ({e})") from e
+    if not isinstance(payload, dict) or "diffulex_edge" not in payload or "state_dict" not in payload:
+        raise _corrupt(path, "no diffulex-edge metadata (keys 'diffulex_edge', 'state_dict'); was it written by save_quantized?")
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise _corrupt(path, f"key 'state_dict': expected a dict of tensors, got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _corrupt(path, f"key 'state_dict': entry {k!r} is a {type(v).__name__}, expected a tensor")
+    return payload["diffulex_edge"], state
+
+
+def _check_meta(path: str, meta: Any) -> Dict[str, Dict[str, Any]]:
+    """The metadata schema: {format: FORMAT_TAG, version: str, layers: {module name: spec}}.
+    Returns the (validated) layer specs."""
+    if not isinstance(meta, dict):
+        raise _corrupt(path, f"diffulex-edge metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT_TAG:
+        raise _corrupt(path, f"key 'format': unknown format tag {meta.get('format')!r}, expected {FORMAT_TAG!r}")
+    version = meta.get("version", "")
+    if not isinstance(version, str):
+        raise _corrupt(path, f"key 'version': expected a string, got {version!r}")
+    unknown = sorted(str(k) for k in meta if k not in _META_KEYS)
+    if unknown:
+        raise _corrupt(path, f"key {unknown[0]!r}: not part of the metadata (written by diffulex-edge {version or '?'}; "
+                             f"this is {__version__}, which knows {', '.join(_META_KEYS)})")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise _corrupt(path, f"key 'layers': expected an object of layer specs, got {type(layers).__name__}")
+    for name, spec in layers.items():
+        try:
+            QuantizedLinear.check_spec(spec)
+        except ConfigError as e:
+            raise _corrupt(path, f"key 'layers.{name}': {e}", layer=name) from None
+    return layers
 
 
 def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_quantized` into `model_skeleton`.
 
     The skeleton is the float model's architecture (e.g. freshly constructed; its weights are
-    overwritten). Every layer recorded as quantized is replaced by an empty
-    :class:`QuantizedLinear` of the recorded format, then the tensors are loaded bit-exact.
-    Everything is checked before the skeleton is changed; the filled skeleton is returned.
+    overwritten). Every layer recorded as quantized is replaced by a :class:`QuantizedLinear` of
+    the recorded format, then the tensors are loaded bit-exact. The file's metadata is checked
+    as a schema (keys, types, values) and every quantized layer's tensors against the shapes,
+    dtypes and value ranges of its format before anything is allocated for it or the skeleton
+    is changed: a bad file raises :class:`CorruptFileError` naming the file and the key, a
+    file that does not fit the skeleton :class:`ShapeError`. The filled skeleton is returned.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
-    if _is_safetensors(path):
-        meta = _read_meta_safetensors(path)
-        state = None
-    else:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CorruptFileError(f"{path}: not a readable torch archive ({e})") from e
-        if not isinstance(payload, dict) or "diffulex_edge" not in payload or "state_dict" not in payload:
-            raise CorruptFileError(f"{path}: no diffulex-edge metadata; was it written by save_quantized?")
-        meta, state = payload["diffulex_edge"], payload["state_dict"]
-        meta["_keys"] = set(state)
-        meta["_shapes"] = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
-    if meta.get("format") != FORMAT_TAG:
-        raise CorruptFileError(f"{path}: unknown format tag {meta.get('format')!r}, expected {FORMAT_TAG!r}")
+    meta, state = (_read_safetensors if _is_safetensors(path) else _read_archive)(path)
+    layers = _check_meta(path, meta)
 
-    # validate every recorded layer against the skeleton before changing anything
-    replacements = {}
-    for name, spec in meta.get("layers", {}).items():
+    # validate every recorded layer against the skeleton and the file before changing anything;
+    # the layers are built on the meta device (no memory) until everything has passed
+    replacements: Dict[str, QuantizedLinear] = {}
+    devices: Dict[str, Optional[torch.device]] = {}
+    for name, spec in layers.items():
+        args = QuantizedLinear.check_spec(spec)
         try:
             target = model_skeleton.get_submodule(name) if name else model_skeleton
         except AttributeError:
-            raise ShapeError(f"the file has a quantized layer here but the skeleton has no such module", layer=name)
-        if isinstance(target, QuantizedLinear):
-            target_shape = (target.in_features, target.out_features)
-        elif isinstance(target, nn.Linear):
-            target_shape = (target.in_features, target.out_features)
-        else:
+            raise ShapeError("the file has a quantized layer here but the skeleton has no such module", layer=name)
+        if not isinstance(target, (nn.Linear, QuantizedLinear)):
             raise ShapeError(f"expected nn.Linear in the skeleton, found {type(target).__name__}", layer=name)
-        if target_shape != (spec["in_features"], spec["out_features"]):
+        target_shape = (target.in_features, target.out_features)
+        if target_shape != (args["in_features"], args["out_features"]):
             raise ShapeError(
-                f"skeleton has in/out features {target_shape}, the file has "
-                f"{(spec['in_features'], spec['out_features'])}",
+                f"skeleton has in/out features {target_shape}, the file has {(args['in_features'], args['out_features'])}",
                 layer=name,
             )
         device = next((t.device for t in target.buffers()), None) if isinstance(target, QuantizedLinear) else target.weight.device
-        if device is not None and device.type == "meta":
-            device = torch.device("cpu")
-        replacements[name] = QuantizedLinear.from_spec(spec, device=device)
+        devices[name] = torch.device("cpu") if device is not None and device.type == "meta" else device
+        q = QuantizedLinear.from_spec(spec, device="meta")
+        prefix = f"{name}." if name else ""
+        try:
+            q.check_state({k: state[prefix + k] for k in q.state_dict() if prefix + k in state})
+        except ConfigError as e:
+            raise _corrupt(path, f"layer {name!r}: {e}", layer=name) from None
+        replacements[name] = q
 
-    if "" in replacements:
-        model = replacements[""]
-    else:
-        model = model_skeleton
+    model = replacements[""] if "" in replacements else model_skeleton
     # check the tensor names would load before swapping modules in (tied tensors: one name
     # of each tied group suffices, as safetensors stores shared tensors once)
+    keys = set(state)
     groups = _key_groups(model_skeleton, replacements)
     known = set().union(*groups) if groups else set()
-    missing = sorted(min(g) for g in groups if not (g & meta["_keys"]))
-    unexpected = sorted(meta["_keys"] - known)
+    missing = sorted(min(g) for g in groups if not (g & keys))
+    unexpected = sorted(keys - known)
     if strict and (missing or unexpected):
         raise ShapeError(
             f"{path} does not match the skeleton: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -135,21 +177,19 @@ def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = 
     # shape mismatches would only surface in load_state_dict, after modules were swapped and
     # some tensors overwritten: check them first so a failed load leaves the skeleton as it was
     expected = _expected_shapes(model_skeleton, replacements)
-    wrong = sorted(k for k in meta["_shapes"].keys() & expected.keys() if meta["_shapes"][k] != expected[k])
+    wrong = sorted(k for k in keys & expected.keys() if tuple(state[k].shape) != expected[k])
     if wrong:
-        detail = ", ".join(f"{k}: file {list(meta['_shapes'][k])} vs skeleton {list(expected[k])}" for k in wrong[:5])
+        detail = ", ".join(f"{k}: file {list(state[k].shape)} vs skeleton {list(expected[k])}" for k in wrong[:5])
         raise ShapeError(f"{path} does not match the skeleton: {detail}{'...' if len(wrong) > 5 else ''}")
+    for name in replacements:
+        replacements[name] = QuantizedLinear.from_spec(layers[name], device=devices[name])
+    model = replacements[""] if "" in replacements else model_skeleton
     for name, q in replacements.items():
         if name:
             _set_module(model, name, q)
-    _materialize_meta(model, meta["_keys"])
-    try:
-        if state is None:
-            from safetensors.torch import load_model
-
-            load_model(model, path, strict=strict, device="cpu")
-        else:
-            model.load_state_dict(state, strict=strict)
+    _materialize_meta(model, keys)
+    try:  # names were checked above, with tied groups stored once (which strict=True would reject)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ShapeError(f"{path}: tensors do not fit the skeleton ({e})") from e
     return model
