@@ -210,7 +210,9 @@ def _cmd_info(a) -> int:
             return 0
     if not os.path.isfile(path):
         raise FileNotFoundError(f"not found: {path}")
-    meta, tensors = _read_saved(path)
+    from .quant.serialization import read_quantized_metadata
+
+    meta, tensors = read_quantized_metadata(path)
     layers = meta.get("layers", {})
     from collections import Counter
 
@@ -297,25 +299,6 @@ def _cmd_gguf(a) -> int:
         atomic_write(a.report, dump)
         print(f"wrote {a.report}")
     return 0
-
-
-def _read_saved(path: str):
-    from .errors import CorruptFileError
-
-    if path.endswith(".safetensors"):
-        from .quant.serialization import _read_meta_safetensors
-
-        meta = _read_meta_safetensors(path)
-        return meta, meta.pop("_keys")
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CorruptFileError(f"{path}: not a readable torch archive ({e})") from e
-    if not isinstance(payload, dict) or "diffulex_edge" not in payload:
-        raise CorruptFileError(f"{path}: no diffulex-edge metadata; was it written by save_quantized?")
-    return payload["diffulex_edge"], payload.get("state_dict", {})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

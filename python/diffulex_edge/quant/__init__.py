@@ -28,7 +28,7 @@ from .quantizers import (
     is_int4_available,
 )
 from .result import LayerRecord, QuantizationResult
-from .serialization import load_quantized, save_quantized
+from .serialization import load_quantized, read_quantized_metadata, save_quantized
 from .walk import model_size_bytes
 
 #: Calibration names re-exported lazily from :mod:`diffulex_edge.calib` (which imports this package).
@@ -67,6 +67,7 @@ __all__ = [
     "get_quantization_info",
     "is_int4_available",
     "load_quantized",
+    "read_quantized_metadata",
     "model_size_bytes",
     "quantize_",
     "quantize_model_ptq",

@@ -52,14 +52,16 @@ def _corrupt(path: str, what: str, *, layer: Optional[str] = None) -> CorruptFil
     return CorruptFileError(f"{path}: {what}", layer=layer)
 
 
-def _read_safetensors(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """(metadata as parsed JSON, tensors) of a safetensors file; every failure is CorruptFileError."""
+def _read_safetensors(path: str, tensors: bool = True) -> Tuple[Any, Dict[str, Any]]:
+    """(metadata as parsed JSON, tensors) of a safetensors file (with ``tensors=False``, tensor
+    names -> shapes from the header); every failure is CorruptFileError."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("diffulex_edge")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise _corrupt(path, f"not a readable safetensors file ({e})") from e
     if raw is None:
@@ -68,6 +70,8 @@ def _read_safetensors(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
         meta = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise _corrupt(path, f"metadata key 'diffulex_edge' is not valid JSON ({e})") from e
+    if not tensors:
+        return meta, shapes
     try:  # safetensors checks every tensor's extent against the file before reading it
         state = load_file(path, device="cpu")
     except Exception as e:
@@ -114,6 +118,22 @@ def _check_meta(path: str, meta: Any) -> Dict[str, Dict[str, Any]]:
         except ConfigError as e:
             raise _corrupt(path, f"key 'layers.{name}': {e}", layer=name) from None
     return layers
+
+
+def read_quantized_metadata(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, tuple]]:
+    """The checked metadata of a :func:`save_quantized` file (``format``, ``version``, ``layers``:
+    module name -> spec) and its tensor names -> shapes, without building a model (a safetensors
+    file's tensors are not even read). Bad files raise :class:`CorruptFileError`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if _is_safetensors(path):
+        meta, shapes = _read_safetensors(path, tensors=False)
+    else:
+        meta, state = _read_archive(path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    _check_meta(path, meta)
+    return meta, shapes
 
 
 def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = True) -> nn.Module:
