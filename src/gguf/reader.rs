@@ -150,6 +150,11 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
         let ggml_type = s.u32(&format!("tensor {name:?} type"))?;
         let offset = s.u64(&format!("tensor {name:?} offset"))?;
         let nbytes = tensor_nbytes(ggml_type, &dims).map_err(|e| corrupt(format!("tensor {name:?}: {e}")))?;
+        // numpy and ggml count elements in an i64: dims that multiply past it are unusable even
+        // when a zero dim makes the tensor empty (and 0 bytes long, so the size check passes)
+        if dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d.max(1))).is_none_or(|n| n > i64::MAX as u64) {
+            return Err(corrupt(format!("tensor {name:?}: dims {dims:?} multiply past 2^63 elements")));
+        }
         if offset % alignment != 0 {
             return Err(corrupt(format!("tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}")));
         }
@@ -195,4 +200,48 @@ pub fn read_file(path: &Path) -> Result<GgufHeader> {
 /// Parse a header from an in-memory file image.
 pub fn read_bytes(b: &[u8]) -> Result<GgufHeader> {
     read_header(b, b.len() as u64)
+}
+
+/// The encoded bytes of tensor `t` inside `file`, the in-memory image `header` was parsed from.
+/// Checked again here (not trusted from the header) so that a header paired with the wrong or a
+/// shorter image is a `Corrupt` error rather than an out-of-bounds slice.
+pub fn tensor_data<'a>(header: &GgufHeader, t: &TensorInfo, file: &'a [u8]) -> Result<&'a [u8]> {
+    let start = header.data_offset.checked_add(t.offset);
+    let end = start.and_then(|s| s.checked_add(t.nbytes));
+    match (start, end) {
+        (Some(s), Some(e)) if e <= file.len() as u64 => Ok(&file[s as usize..e as usize]),
+        _ => Err(corrupt(format!(
+            "tensor {:?}: bytes {}+{}..+{} lie outside the {}-byte file",
+            t.name, header.data_offset, t.offset, t.nbytes, file.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+    use crate::gguf::writer::{write_bytes, TensorData};
+
+    #[test]
+    fn zero_dim_with_overflowing_element_count_is_corrupt() {
+        // found by fuzzing the Python loader: 0 bytes (so in bounds) but no array can have this shape
+        let bytes = write_bytes(&[], &[TensorData { name: "t".into(), dims: vec![1 << 62, 1 << 62, 0], ggml_type: 0, data: &[] }]).unwrap();
+        match read_bytes(&bytes) {
+            Err(Error::Corrupt(m)) => assert!(m.contains("\"t\"") && m.contains("2^63"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // a zero dim alongside dims that fit is still a valid empty tensor
+        let ok = write_bytes(&[], &[TensorData { name: "e".into(), dims: vec![1 << 20, 1 << 20, 0], ggml_type: 0, data: &[] }]).unwrap();
+        assert_eq!(read_bytes(&ok).unwrap().tensors[0].nbytes, 0);
+    }
+
+    #[test]
+    fn tensor_data_checks_the_image_it_is_given() {
+        let d = [7u8; 8];
+        let bytes = write_bytes(&[], &[TensorData { name: "x".into(), dims: vec![2], ggml_type: 0, data: &d }]).unwrap();
+        let h = read_bytes(&bytes).unwrap();
+        assert_eq!(tensor_data(&h, &h.tensors[0], &bytes).unwrap(), &d);
+        let short = &bytes[..h.data_offset as usize + 7]; // one byte short of the tensor's 8
+        assert!(matches!(tensor_data(&h, &h.tensors[0], short), Err(Error::Corrupt(_))));
+    }
 }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -11,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _native
-from ..errors import ConfigError, CorruptFileError
+from ..errors import ConfigError, CorruptFileError, ShapeError, UnsupportedFormatError
 from .quants import GGML_TYPES_BY_ID, dequantize, quantize, type_info
 
 
@@ -101,6 +102,9 @@ class GGUFFile:
         types = {k: tuple(t) for k, t, _ in h["metadata"]}
         tensors = {}
         for name, dims, tid, off, nbytes in h["tensors"]:
+            # the native reader refuses these too; checked again so no numpy shape can overflow
+            if math.prod(max(int(d), 1) for d in dims) >= 2**63:
+                raise CorruptFileError(f"{path}: tensor {name!r}: dims {list(dims)} multiply past 2^63 elements", layer=name)
             tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(dims)), tuple(dims), tid, off, nbytes)
         return cls(path, h["version"], h["alignment"], h["data_offset"], metadata, types, tensors)
 
@@ -117,12 +121,18 @@ class GGUFFile:
             raise CorruptFileError("this GGUFFile has no backing file")
         if t.nbytes == 0:
             return np.zeros(0, np.uint8)
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset + t.offset, shape=(t.nbytes,))
+        try:
+            return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset + t.offset, shape=(t.nbytes,))
+        except (OSError, ValueError) as e:  # the file shrank or vanished since it was read
+            raise CorruptFileError(f"{self.path}: tensor {name!r}: cannot map its {t.nbytes} bytes ({e})", layer=name) from e
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor decoded to float32 in numpy shape."""
         t = self.tensors[name]
-        return dequantize(np.asarray(self.tensor_bytes(name)), t.ggml_type, shape=t.shape)
+        try:
+            return dequantize(np.asarray(self.tensor_bytes(name)), t.ggml_type, shape=t.shape)
+        except (ShapeError, UnsupportedFormatError) as e:
+            raise type(e)(f"{self.path}: tensor {name!r} ({t.ggml_type}, shape {t.shape}): {e}") from e
 
     def to_writer(self) -> "GGUFWriter":
         """A writer holding this file's metadata and (raw) tensors, e.g. to edit and re-save."""

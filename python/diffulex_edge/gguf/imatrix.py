@@ -46,23 +46,45 @@ class ImatrixFile:
     datasets: List[str] = field(default_factory=list)
 
 
+def _meta_uint(path: str, md: Mapping[str, object], key: str) -> int:
+    v = md.get(key, 0)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise CorruptFileError(f"{path}: metadata {key} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def _f32_tensor(path: str, f: GGUFFile, name: str) -> np.ndarray:
+    t = f.tensors[name]
+    # llama.cpp writes and reads these as F32 only; checking the type also bounds the decoded size
+    if t.type_id != 0:
+        raise CorruptFileError(f"{path}: imatrix tensor {name} has ggml type {t.ggml_type}, expected F32", layer=name)
+    if not 1 <= len(t.shape) <= 2 or 0 in t.shape:
+        raise CorruptFileError(f"{path}: imatrix tensor {name} has shape {t.shape}; expected [n_mat, n] "
+                               "with no empty dimension", layer=name)
+    return f.tensor(name).reshape(-1, t.shape[-1]).astype(np.float64)
+
+
 def _read_gguf(path: str) -> ImatrixFile:
     f = GGUFFile.read(path)
     md = f.metadata
-    out = ImatrixFile(chunk_count=int(md.get("imatrix.chunk_count", 0) or 0),
-                      chunk_size=int(md.get("imatrix.chunk_size", 0) or 0),
-                      datasets=[str(d) for d in (md.get("imatrix.datasets") or [])])
+    datasets = md.get("imatrix.datasets") or []
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise CorruptFileError(f"{path}: metadata imatrix.datasets must be an array of strings, got {datasets!r:.80}")
+    out = ImatrixFile(chunk_count=_meta_uint(path, md, "imatrix.chunk_count"),
+                      chunk_size=_meta_uint(path, md, "imatrix.chunk_size"), datasets=list(datasets))
     for name in f.tensors:
         if not name.endswith(".in_sum2"):
             continue
         base = name[: -len(".in_sum2")]
-        s2 = f.tensor(name).reshape(-1, f.tensors[name].shape[-1]).astype(np.float64)
         cname = base + ".counts"
         if cname not in f.tensors:
-            raise CorruptFileError(f"{path}: {name} has no matching {cname}")
-        counts = f.tensor(cname).reshape(-1).astype(np.float64)
+            raise CorruptFileError(f"{path}: {name} has no matching {cname}", layer=name)
+        s2 = _f32_tensor(path, f, name)
+        counts = _f32_tensor(path, f, cname).reshape(-1)
         if counts.size != s2.shape[0]:
-            raise CorruptFileError(f"{path}: {cname} has {counts.size} values for {s2.shape[0]} matrices")
+            raise CorruptFileError(f"{path}: {cname} has {counts.size} values for {s2.shape[0]} matrices", layer=cname)
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+            raise CorruptFileError(f"{path}: {cname} holds a negative or non-finite token count", layer=cname)
         if s2.shape[0] == 1:
             out.entries[base] = ImatrixEntry(s2[0], float(counts[0]), out.chunk_count)
         else:  # experts: keep the mean importance
@@ -89,10 +111,14 @@ def _read_dat(path: str) -> ImatrixFile:
     if n_entries < 0 or n_entries * 12 > len(data):
         raise CorruptFileError(f"{path}: implausible entry count {n_entries}")
     out = ImatrixFile()
-    for _ in range(n_entries):
+    for i in range(n_entries):
         (n,) = struct.unpack("<i", take(4))
         name = take(n).decode("utf-8", errors="replace")
         ncall, nval = struct.unpack("<ii", take(8))
+        if nval <= 0:
+            raise CorruptFileError(f"{path}: entry {i} ({name!r}) has {nval} values", layer=name)
+        if name in out.entries:
+            raise CorruptFileError(f"{path}: entry {name!r} appears twice", layer=name)
         vals = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float64)
         out.entries[name] = ImatrixEntry(vals, float(ncall) if ncall > 0 else 1.0, max(ncall, 0))
     if pos + 4 <= len(data):  # optional trailer: last chunk, dataset name

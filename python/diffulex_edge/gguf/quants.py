@@ -8,6 +8,8 @@ round-to-nearest, byte-identical to gguf-py's quantizers for the types gguf-py c
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -85,9 +87,25 @@ def dequantize(data: np.ndarray, qtype, shape: Optional[Sequence[int]] = None, k
         if raw.ndim == 0 or raw.shape[-1] % info.type_size:
             raise ShapeError(f"{info.name}: last axis of {raw.shape} bytes is not a whole number of {info.type_size}-byte blocks")
         shape = (*raw.shape[:-1], raw.shape[-1] // info.type_size * info.block_size)
-    n = int(np.prod(shape, dtype=np.int64))
+    shape = _checked_shape(shape)
+    # Python ints: np.prod would wrap around silently for a corrupt shape
+    n = math.prod(shape)
+    if n != raw.size // info.type_size * info.block_size:
+        raise ShapeError(f"{info.name}: {raw.size} bytes hold {raw.size // info.type_size * info.block_size} weights, "
+                         f"not the {n} of shape {shape}")
     out = _native.ggml_dequantize(raw.reshape(-1), info.name, n, kernel, reference)
-    return out.reshape(tuple(shape))
+    return out.reshape(shape)
+
+
+def _checked_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """A shape numpy can build: non-negative ints whose product (zeros aside) fits in an int64."""
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError as e:
+        raise ShapeError(f"shape {shape!r} is not a sequence of integers") from e
+    if any(d < 0 for d in dims) or math.prod(max(d, 1) for d in dims) >= 2**63:
+        raise ShapeError(f"shape {dims} has a negative dimension or more than 2^63 elements")
+    return dims
 
 
 def tensor_nbytes(shape: Sequence[int], qtype) -> int:

@@ -1,0 +1,85 @@
+"""Short, seeded runs of every Python fuzz target (fuzz/pyfuzz.py) plus checks that the harness
+itself catches what it should. The long runs and their figures are in docs/fuzzing.md."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+import pyfuzz
+from gguf_layout import build, fields
+from mutators import dat_fields, mutate_bytes, mutate_gguf, mutate_safetensors
+
+# (target, cases): a few thousand for the fast GGUF/imatrix loaders, fewer for load_quantized,
+# whose cases build a torch model each (~30-100 cases/s on 2 cores)
+RUNS = [("gguf_read", 3000), ("imatrix_gguf", 3000), ("imatrix_dat", 3000),
+        ("load_quantized_safetensors", 1500), ("load_quantized_pt", 600)]
+
+
+@pytest.mark.parametrize("target,cases", RUNS, ids=[r[0] for r in RUNS])
+def test_target_survives_seeded_run(target, cases, tmp_path):
+    s = pyfuzz.run(target, cases, seed=20261207, workers=1, out=str(tmp_path), timeout=30)
+    assert s.cases == cases
+    assert not s.findings, s.report()
+
+
+def test_cases_are_deterministic():
+    t = pyfuzz.TARGETS["imatrix_dat"]
+    seeds = [struct.pack("<i", 1) + struct.pack("<i", 3) + b"abc" + struct.pack("<ii", 2, 2) + b"\0" * 8]
+    ctx = pyfuzz.Ctx(seeds)
+    a = [pyfuzz.make_case(t, ctx, 7, i) for i in range(50)]
+    b = [pyfuzz.make_case(t, ctx, 7, i) for i in range(50)]
+    assert a == b
+    assert len(set(a)) > 25  # and they differ from each other
+
+
+def test_gguf_field_locator_finds_every_header_field():
+    data = build([("k", (9, 5), [1, 2]), ("s", (8,), "v")], [("t", (4, 2), 0, b"\0" * 32)])
+    kinds = [f.kind for f in fields(data)]
+    assert kinds == ["n_tensors", "n_kv", "strlen", "vtype", "vtype", "arrlen", "scalar", "scalar", "strlen", "vtype",
+                     "strlen", "strlen", "ndims", "dim", "dim", "ttype", "toffset"]
+    rng = random.Random(0)
+    changed = sum(mutate_gguf(rng, data) != data for _ in range(200))
+    assert changed > 150
+
+
+def test_dat_and_safetensors_mutators_change_structure():
+    dat = struct.pack("<i", 1) + struct.pack("<i", 2) + b"ab" + struct.pack("<ii", 1, 1) + b"\0" * 4 + struct.pack("<ii", 0, 0)
+    assert [k for _, k in dat_fields(dat)] == ["n_entries", "name_len", "ncall", "nval", "last_chunk", "dataset_len"]
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"m":"{\\"a\\": 1}"}}'
+    st = struct.pack("<Q", len(header)) + header + b"\0" * 8
+    rng = random.Random(1)
+    outs = {mutate_safetensors(rng, st) for _ in range(100)}
+    assert len(outs) > 50
+    assert all(o[8:9] == b"{" for o in outs if struct.unpack_from("<Q", o)[0] < len(o))
+    assert len({mutate_bytes(rng, st) for _ in range(100)}) > 50
+
+
+def test_harness_reports_untyped_exceptions_hangs_and_crashes(tmp_path, monkeypatch):
+    # a target that fails in each way the harness must notice; every third case passes
+    def call(path, ctx):
+        n = len(open(path, "rb").read()) % 5
+        if n == 1:
+            raise ValueError("boom")
+        if n == 2:
+            import time
+            time.sleep(60)
+        if n == 3:
+            import os
+            os._exit(3)
+        if n == 4:
+            from diffulex_edge.errors import CorruptFileError
+            raise CorruptFileError("typed")
+
+    fake = pyfuzz.Target("fake", ".bin", lambda tmp: [b"x" * 10, b"y" * 11, b"z" * 12, b"w" * 13, b"v" * 14],
+                         lambda rng, d, ctx: d, call)
+    monkeypatch.setitem(pyfuzz.TARGETS, "fake", fake)
+    monkeypatch.setattr(pyfuzz, "make_case", lambda t, ctx, seed, idx: ctx.seeds[idx % 5])
+    s = pyfuzz.run("fake", 5, seed=0, out=str(tmp_path), timeout=2)
+    kinds = sorted((f["kind"], f["type"]) for f in s.findings)
+    assert kinds == [("crash", "exit 3"), ("exception", "ValueError"), ("hang", "Timeout")], s.report()
+    exc = next(f for f in s.findings if f["kind"] == "exception")
+    assert exc["where"] == "(outside diffulex_edge)" and (tmp_path / "findings").is_dir()
+    assert open(exc["file"], "rb").read() == b"y" * 11
