@@ -1,12 +1,8 @@
 import json
-import os
 
 import pytest
 
 from diffulex_edge import cli
-
-TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
-
 
 @pytest.fixture
 def text_file(tmp_path, wikitext_sample):
@@ -86,3 +82,15 @@ def test_quantize_static_and_yaml(hf_model_dir, tmp_path, text_file, capsys):
     assert info["num_quantized_layers"] == 7  # layer 1 only; lm_head and layer 0 excluded
     assert cli.main(["quantize", str(hf_model_dir), "-o", str(hf_model_dir)]) == 2
     assert "must differ" in capsys.readouterr().err
+
+
+def test_bundled_texts_by_name(hf_model_dir, tmp_path, capsys):
+    """--text / --calibration take wikitext2-test / wikitext2-valid: the samples in the package."""
+    js = tmp_path / "ppl.json"
+    assert cli.main(["eval", str(hf_model_dir), "--text", "wikitext2-test", "--seq-len", "64", "--max-tokens", "200",
+                     "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["n_tokens"] == 199
+    assert cli.main(["quantize", str(hf_model_dir), "--mode", "static", "--calibration", "wikitext2-valid",
+                     "-o", str(tmp_path / "s")]) == 0
+    assert cli.main(["eval", str(hf_model_dir), "--text", "wikitext2-nope"]) == 2
+    assert "not found" in capsys.readouterr().err
