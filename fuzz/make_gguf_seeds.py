@@ -56,6 +56,8 @@ def regressions():
     """Inputs that once got through the reader and broke its users; each must now be refused."""
     # a zero dim makes the tensor 0 bytes, so the size check passed, but numpy cannot build the shape
     yield "zero_dim_overflow.gguf", build([], [("t", (2**62, 2**62, 0), 0, b"")])
+    # fewer than 2^63 elements, but more than 2^63 bytes once numpy makes them float32/float64
+    yield "zero_dim_too_many_bytes.gguf", build([], [("u", (2**61, 2, 0), 0, b"")])
 
 
 def main() -> None:

@@ -421,12 +421,18 @@ def _save(out: Optional[str], target: Target, f: dict, per_group: Dict[tuple, in
 
 
 def run(target: str, cases: int, seed: int = 0, workers: int = 1, out: Optional[str] = None, timeout: float = 10.0,
-        rlimit_mb: int = 4096, verbose: bool = False) -> Summary:
+        rlimit_mb: int = 4096, start_method: str = "spawn") -> Summary:
+    """Run cases ``0..cases-1`` of ``seed`` against ``target`` in ``workers`` processes.
+
+    Workers are started with ``spawn`` by default: a forked child inherits the parent's rayon and
+    OpenMP thread pools without their threads, so its first parallel kernel waits forever once the
+    parent (a pytest session, a notebook) has run one. ``fork`` is only for targets defined at run
+    time (the harness's own tests)."""
     if target not in TARGETS:
         raise SystemExit(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     t = TARGETS[target]
     workdir = tempfile.mkdtemp(prefix=f"pyfuzz-{target}-")
-    ctxm = mp.get_context("fork")
+    ctxm = mp.get_context(start_method)
     summary = Summary(target, cases, seed, 0.0)
     per_group: Dict[tuple, int] = {}
     # worker k handles cases k, k+K, k+2K, ...; a worker that hangs or dies is replaced and resumes
@@ -495,8 +501,6 @@ def run(target: str, cases: int, seed: int = 0, workers: int = 1, out: Optional[
                 rest = range(idx + w["indices"].step, w["indices"].stop, w["indices"].step)
                 if len(rest):
                     spawn(rest)
-            if verbose:
-                pass
             time.sleep(0.02)
     finally:
         for w in live:

@@ -12,8 +12,8 @@ temporary file behind, whatever happens to the process:
   rename, two system calls with no data written in between.
 * Elsewhere (other systems; file systems that answer ``O_TMPFILE`` with EOPNOTSUPP, EISDIR or
   EINVAL; no /proc; ``DIFFULEX_EDGE_NO_TMPFILE`` set; or a writer that fails on the /proc path
-  before writing a byte, as safetensors >= 0.7 does, which writes its own sibling temporary and
-  renames it) the writer gets a path inside a private directory next to the destination, which
+  before writing a byte, as ``safetensors.torch.save_file`` >= 0.7 does, which writes its own
+  sibling temporary and renames it) the writer gets a path inside a private directory next to the destination, which
   is removed on any exception (``KeyboardInterrupt`` included).
 
 Temporary names (files of the Rust writer, private directories here) are
@@ -70,9 +70,9 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         except Exception as e:
             if os.fstat(fd).st_size != 0:
                 raise
-            # Some writers cannot write to an open file's /proc path: safetensors >= 0.7 writes a
-            # sibling temporary file and renames it onto the path it is given. Nothing was written,
-            # so give it a real directory instead.
+            # Some writers cannot write to an open file's /proc path (safetensors' save_file >= 0.7
+            # writes a sibling temporary file and renames it onto the path it is given; the
+            # package's own writers do not). Nothing was written, so give it a real directory.
             log.debug("atomic_write %s: the writer cannot use an unnamed file (%s); using a private directory", path, e)
             _write_in_private_dir(directory, name, path, write)
             return

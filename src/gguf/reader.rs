@@ -10,6 +10,10 @@ use std::path::Path;
 use super::{align_up, tensor_nbytes, GgufHeader, TensorInfo, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
 use crate::error::{Error, Result};
 
+/// Element-count bound of a tensor (its dims with zeros counted as 1): 2^60 8-byte items is the
+/// most a numpy shape can describe.
+pub const MAX_ELEMENTS: u64 = 1 << 60;
+
 fn corrupt(msg: impl Into<String>) -> Error {
     Error::Corrupt(msg.into())
 }
@@ -150,10 +154,11 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
         let ggml_type = s.u32(&format!("tensor {name:?} type"))?;
         let offset = s.u64(&format!("tensor {name:?} offset"))?;
         let nbytes = tensor_nbytes(ggml_type, &dims).map_err(|e| corrupt(format!("tensor {name:?}: {e}")))?;
-        // numpy and ggml count elements in an i64: dims that multiply past it are unusable even
-        // when a zero dim makes the tensor empty (and 0 bytes long, so the size check passes)
-        if dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d.max(1))).is_none_or(|n| n > i64::MAX as u64) {
-            return Err(corrupt(format!("tensor {name:?}: dims {dims:?} multiply past 2^63 elements")));
+        // numpy refuses a shape whose dims (zeros skipped) times the item size pass i64::MAX, even
+        // when a zero dim makes the tensor empty (0 bytes long, so the size check passes): bound
+        // the element count so that 8-byte items still fit
+        if dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d.max(1))).is_none_or(|n| n >= MAX_ELEMENTS) {
+            return Err(corrupt(format!("tensor {name:?}: dims {dims:?} multiply to 2^60 elements or more")));
         }
         if offset % alignment != 0 {
             return Err(corrupt(format!("tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}")));
@@ -227,7 +232,13 @@ mod fuzz_regressions {
         // found by fuzzing the Python loader: 0 bytes (so in bounds) but no array can have this shape
         let bytes = write_bytes(&[], &[TensorData { name: "t".into(), dims: vec![1 << 62, 1 << 62, 0], ggml_type: 0, data: &[] }]).unwrap();
         match read_bytes(&bytes) {
-            Err(Error::Corrupt(m)) => assert!(m.contains("\"t\"") && m.contains("2^63"), "{m}"),
+            Err(Error::Corrupt(m)) => assert!(m.contains("\"t\"") && m.contains("2^60"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // found later by the same fuzzer: fewer than 2^63 elements but more than 2^63 bytes as f64
+        let bytes = write_bytes(&[], &[TensorData { name: "u".into(), dims: vec![1 << 61, 2, 0], ggml_type: 0, data: &[] }]).unwrap();
+        match read_bytes(&bytes) {
+            Err(Error::Corrupt(m)) => assert!(m.contains("\"u\""), "{m}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
         // a zero dim alongside dims that fit is still a valid empty tensor

@@ -77,9 +77,81 @@ def test_harness_reports_untyped_exceptions_hangs_and_crashes(tmp_path, monkeypa
                          lambda rng, d, ctx: d, call)
     monkeypatch.setitem(pyfuzz.TARGETS, "fake", fake)
     monkeypatch.setattr(pyfuzz, "make_case", lambda t, ctx, seed, idx: ctx.seeds[idx % 5])
-    s = pyfuzz.run("fake", 5, seed=0, out=str(tmp_path), timeout=2)
+    s = pyfuzz.run("fake", 5, seed=0, out=str(tmp_path), timeout=2, start_method="fork")  # the fake target exists only here
     kinds = sorted((f["kind"], f["type"]) for f in s.findings)
     assert kinds == [("crash", "exit 3"), ("exception", "ValueError"), ("hang", "Timeout")], s.report()
     exc = next(f for f in s.findings if f["kind"] == "exception")
     assert exc["where"] == "(outside diffulex_edge)" and (tmp_path / "findings").is_dir()
     assert open(exc["file"], "rb").read() == b"y" * 11
+
+
+# ---- regressions: inputs the fuzzers found, each now a typed error naming the file and tensor ----
+
+def _write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def _imatrix_gguf(tmp_path, sums, counts, sums_type=0, metadata=()):
+    return _write(tmp_path, "im.gguf", build([("general.type", (8,), "imatrix"), *metadata], [
+        ("a.in_sum2", sums[0], sums_type, sums[1]), ("a.counts", counts[0], 0, counts[1])]))
+
+
+def test_imatrix_gguf_regressions(tmp_path):
+    from diffulex_edge.errors import CorruptFileError
+    from diffulex_edge.gguf import load_imatrix
+
+    one = struct.pack("<f", 1.0)
+    ok = _imatrix_gguf(tmp_path, ((2, 1), one * 2), ((1, 1), struct.pack("<f", 2.0)))
+    assert load_imatrix(ok)["a"].tolist() == [0.5, 0.5]
+    cases = {
+        # was ValueError: cannot reshape array of size 0 (in_sum2 with a zero-length row)
+        "no empty dimension": (((0, 3), b""), ((1, 3), one * 3), 0, ()),
+        # was IndexError: a 0-d in_sum2 has no shape[-1]
+        "expected \\[n_mat, n\\]": (((), one), ((1,), one), 0, ()),
+        "expected F32": (((32, 1), bytes(34)), ((1, 1), one), 8, ()),
+        "non-finite token count": (((2, 1), one * 2), ((1, 1), struct.pack("<f", float("nan"))), 0, ()),
+        "chunk_count must be a non-negative integer": (((2, 1), one * 2), ((1, 1), one), 0,
+                                                        [("imatrix.chunk_count", (8,), "ten")]),
+        "datasets must be an array of strings": (((2, 1), one * 2), ((1, 1), one), 0, [("imatrix.datasets", (5,), 3)]),
+    }
+    for match, (sums, counts, stype, md) in cases.items():
+        p = _imatrix_gguf(tmp_path, sums, counts, stype, md)
+        with pytest.raises(CorruptFileError, match=match) as e:
+            load_imatrix(p)
+        assert p in str(e.value)
+
+
+def test_imatrix_dat_regressions(tmp_path):
+    from diffulex_edge.errors import CorruptFileError
+    from diffulex_edge.gguf.imatrix import read_imatrix
+
+    def entry(name, ncall, vals):
+        return struct.pack("<i", len(name)) + name + struct.pack("<ii", ncall, len(vals)) + struct.pack(f"<{len(vals)}f", *vals)
+
+    dup = struct.pack("<i", 2) + entry(b"w", 1, [1.0]) + entry(b"w", 1, [2.0])
+    with pytest.raises(CorruptFileError, match="'w' appears twice"):
+        read_imatrix(_write(tmp_path, "dup.dat", dup))
+    empty = struct.pack("<i", 1) + entry(b"w", 1, [])
+    with pytest.raises(CorruptFileError, match="has 0 values"):
+        read_imatrix(_write(tmp_path, "empty.dat", empty))
+
+
+def test_gguf_zero_dim_shapes_numpy_cannot_build(tmp_path):
+    # found by pyfuzz (gguf_read, imatrix_gguf): a zero dim makes the tensor 0 bytes, so it passed
+    # the size check, but numpy raised "Maximum allowed dimension exceeded" / "array is too big"
+    import os
+
+    from diffulex_edge.errors import CorruptFileError, ShapeError
+    from diffulex_edge.gguf import GGUFFile, dequantize
+
+    reg = os.path.join(pyfuzz.HERE, "regressions", "gguf_reader")
+    for name in sorted(os.listdir(reg)):
+        with pytest.raises(CorruptFileError, match="2\\^60 elements"):
+            GGUFFile.read(os.path.join(reg, name))
+    for shape in [(0, 2**62, 2**62), (0, 2**61, 2), (-1, 4)]:
+        with pytest.raises(ShapeError):
+            dequantize(b"", "F32", shape=shape)
+    f = GGUFFile.read(_write(tmp_path, "e.gguf", build([], [("e", (2**20, 2**20, 0), 0, b"")])))
+    assert f.tensor("e").shape == (0, 2**20, 2**20)

@@ -20,6 +20,7 @@ from diffulex_edge.quant import (
     quantize_,
     save_quantized,
 )
+from diffulex_edge.quant import serialization
 from diffulex_edge.quant.serialization import FORMAT_TAG
 
 EXTS = [".safetensors", ".pt"]
@@ -303,7 +304,7 @@ def test_failed_save_leaves_no_temp_file_and_keeps_the_old_one(tmp_path, monkeyp
     good = path.read_bytes()
 
     def failing_writer(*args, **kwargs):
-        target = args[1] if len(args) > 1 else kwargs.get("filename") or kwargs.get("f")
+        target = args[1] if ext == ".pt" else args[0]  # torch.save(obj, f) / _write_safetensors(path, ...)
         with open(target, "wb") as fh:
             fh.write(b"partial")  # a half-written file
         raise OSError("disk full")
@@ -311,7 +312,7 @@ def test_failed_save_leaves_no_temp_file_and_keeps_the_old_one(tmp_path, monkeyp
     if ext == ".pt":
         monkeypatch.setattr(torch, "save", failing_writer)
     else:
-        monkeypatch.setattr(safetensors.torch, "save_model", failing_writer)
+        monkeypatch.setattr(serialization, "_write_safetensors", failing_writer)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, path)
     with pytest.raises(OSError, match="disk full"):
@@ -320,6 +321,50 @@ def test_failed_save_leaves_no_temp_file_and_keeps_the_old_one(tmp_path, monkeyp
     assert path.read_bytes() == good
     monkeypatch.undo()
     assert_bit_exact(model, load_quantized(path, Net()))
+
+
+@pytest.mark.parametrize("skip_tied", [True, False])
+def test_safetensors_writer_matches_the_safetensors_library(tmp_path, make_tied_lm, skip_tied):
+    """save_quantized streams the safetensors file itself; the library must read it, and it must
+    hold what safetensors.torch.save_model would have written: the same tensors bit for bit, the
+    same tied-weight aliases, the same metadata."""
+    from safetensors import safe_open
+
+    model = make_tied_lm()
+    quantize_(model, QuantizationConfig(dtype="int4", group_size=32, skip_tied=skip_tied))
+    model.embed.weight.data = model.embed.weight.data.to(torch.bfloat16)
+    model.register_buffer("flag", torch.tensor([True, False, True]))
+    model.register_buffer("scalar", torch.tensor(3.5, dtype=torch.float64))
+    model.register_buffer("empty", torch.zeros(0, 4, dtype=torch.float16))
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    save_quantized(model, ours)
+    meta = {"diffulex_edge": safe_open(str(ours), framework="pt").metadata()["diffulex_edge"]}
+    safetensors.torch.save_model(model, str(theirs), metadata=dict(meta))
+    with safe_open(str(ours), framework="pt") as a, safe_open(str(theirs), framework="pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            assert x.dtype == y.dtype and x.shape == y.shape, k
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
+    assert (len(safe_open(str(ours), framework="pt").metadata()) > 1) is skip_tied  # the tied alias is recorded
+    n = int.from_bytes(ours.read_bytes()[:8], "little")
+    assert n % 8 == 0  # tensor data starts 8-aligned
+    skeleton = make_tied_lm()
+    skeleton.register_buffer("flag", torch.zeros(3, dtype=torch.bool))
+    skeleton.register_buffer("scalar", torch.tensor(0.0, dtype=torch.float64))
+    skeleton.register_buffer("empty", torch.zeros(0, 4, dtype=torch.float16))
+    skeleton.embed.weight.data = skeleton.embed.weight.data.to(torch.bfloat16)
+    assert_bit_exact(model, load_quantized(ours, skeleton))
+
+
+def test_safetensors_writer_rejects_dtypes_it_cannot_store(tmp_path):
+    model = Net()
+    model.register_buffer("z", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(UnsupportedFormatError, match="'z'.*complex64.*\\.pt"):
+        save_quantized(model, tmp_path / "m.safetensors")
+    assert listing(tmp_path) == []
+    save_quantized(model, tmp_path / "m.pt")
 
 
 def test_save_rejects_non_modules(tmp_path):

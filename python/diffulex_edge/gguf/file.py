@@ -103,8 +103,9 @@ class GGUFFile:
         tensors = {}
         for name, dims, tid, off, nbytes in h["tensors"]:
             # the native reader refuses these too; checked again so no numpy shape can overflow
-            if math.prod(max(int(d), 1) for d in dims) >= 2**63:
-                raise CorruptFileError(f"{path}: tensor {name!r}: dims {list(dims)} multiply past 2^63 elements", layer=name)
+            if math.prod(max(int(d), 1) for d in dims) >= 2**60:
+                raise CorruptFileError(f"{path}: tensor {name!r}: dims {list(dims)} multiply to 2^60 elements or more "
+                                       "(no numpy shape can hold them)", layer=name)
             tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(dims)), tuple(dims), tid, off, nbytes)
         return cls(path, h["version"], h["alignment"], h["data_offset"], metadata, types, tensors)
 

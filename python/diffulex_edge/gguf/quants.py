@@ -98,13 +98,14 @@ def dequantize(data: np.ndarray, qtype, shape: Optional[Sequence[int]] = None, k
 
 
 def _checked_shape(shape: Sequence[int]) -> Tuple[int, ...]:
-    """A shape numpy can build: non-negative ints whose product (zeros aside) fits in an int64."""
+    """A shape numpy can build for any item size up to 8 bytes."""
     try:
         dims = tuple(operator.index(d) for d in shape)
     except TypeError as e:
         raise ShapeError(f"shape {shape!r} is not a sequence of integers") from e
-    if any(d < 0 for d in dims) or math.prod(max(d, 1) for d in dims) >= 2**63:
-        raise ShapeError(f"shape {dims} has a negative dimension or more than 2^63 elements")
+    # numpy refuses a shape whose dims (zeros skipped) times the item size pass 2^63, even if empty
+    if any(d < 0 for d in dims) or math.prod(max(d, 1) for d in dims) >= 2**60:
+        raise ShapeError(f"shape {dims} has a negative dimension or 2^60 elements or more")
     return dims
 
 

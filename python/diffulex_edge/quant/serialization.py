@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+import struct
+import sys
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,12 +39,74 @@ def save_quantized(model: nn.Module, path: PathLike) -> None:
     specs = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     meta = {"format": FORMAT_TAG, "version": __version__, "layers": specs}
     if _is_safetensors(path):
-        from safetensors.torch import save_model
-
-        atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"diffulex_edge": json.dumps(meta)}))
+        tensors, aliases = _unique_tensors(model.state_dict())
+        metadata = {**aliases, "diffulex_edge": json.dumps(meta)}
+        atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, metadata))
     else:
         payload = {"diffulex_edge": meta, "state_dict": model.state_dict()}
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+# torch dtype -> safetensors dtype tag (the safetensors format: https://github.com/huggingface/safetensors,
+# "Format": 8-byte little-endian header size N, N bytes of JSON, then the tensors' bytes)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+for _name, _tag in [("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"),
+                    ("uint64", "U64")]:
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _tag
+
+
+def _unique_tensors(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The state dict with each set of identical views (tied weights) kept once, under its first
+    name in sorted order, and {dropped name: kept name} (what safetensors' ``save_model`` records
+    too). Tensors that overlap without being the same view are stored separately."""
+    kept: Dict[tuple, str] = {}
+    out: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    for name in sorted(state):
+        t = state[name]
+        if t.numel() == 0:
+            out[name] = t
+            continue
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in kept:
+            aliases[name] = kept[view]
+        else:
+            kept[view] = name
+            out[name] = t
+    return out, aliases
+
+
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Stream `tensors` to `path` as a safetensors file, one tensor in memory at a time (on the
+    CPU, contiguous). Written here rather than by ``safetensors.torch.save_model`` because that one
+    makes its own sibling temporary file and renames it, which a kill -9 leaves behind, and it
+    needs the whole state dict contiguous in memory at once."""
+    if sys.byteorder != "little":
+        raise UnsupportedFormatError("safetensors files are little-endian; save_quantized to a .pt file on this machine")
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise UnsupportedFormatError(f"tensor {name!r}: dtype {t.dtype} has no safetensors type; save to a .pt file")
+    # largest items first so that every tensor's data is aligned to its item size, as safetensors does
+    order: List[str] = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: Dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                fh.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 _META_KEYS = ("format", "version", "layers")
