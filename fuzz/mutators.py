@@ -272,7 +272,7 @@ def _mutate_entry(rng: random.Random, e: Any, data_len: int) -> None:
     if field == "dtype":
         e["dtype"] = rng.choice(ST_DTYPES + [5, None])
     elif field == "shape":
-        s = list(e.get("shape") or [])
+        s = list(e["shape"]) if isinstance(e.get("shape"), list) else []  # an earlier mutation may have made it a scalar
         op = rng.randrange(5)
         if op == 0 or not s:
             s.append(rng.choice([0, 1, 2, 64]))
@@ -286,7 +286,7 @@ def _mutate_entry(rng: random.Random, e: Any, data_len: int) -> None:
             s = [int(x) * 2 if isinstance(x, int) else x for x in s]
         e["shape"] = s
     elif field == "data_offsets":
-        a, b = (list(e.get("data_offsets") or [0, 0]) + [0, 0])[:2]
+        a, b = ((e["data_offsets"] if isinstance(e.get("data_offsets"), list) else []) + [0, 0])[:2]
         a, b = (a if isinstance(a, int) else 0), (b if isinstance(b, int) else 0)
         e["data_offsets"] = rng.choice([[b, a], [a, data_len + 1], [-1, b], [a], [a, b, b], None, [a, 2**64],
                                         [a + 1, b + 1], [0, b], [a, a], [a, b + 4], [a, b - 4]])

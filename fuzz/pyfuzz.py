@@ -52,6 +52,7 @@ class Target:
     structure: Callable[[random.Random, bytes, "Ctx"], bytes]
     call: Callable[[str, "Ctx"], None]
     ctx_init: Callable[[], Any] = lambda: None
+    warm_up: bool = True  # load each seed once before the first case (see _warm_up)
 
 
 @dataclass
@@ -305,6 +306,20 @@ def _build_seeds(target: Target, workdir: str) -> Ctx:
 
 # ---- worker --------------------------------------------------------------------------------------
 
+def _warm_up(target: Target, ctx: Ctx, workdir: str) -> None:
+    """Load each seed once, so that the lazy imports and caches of the first call are not
+    counted as the allocation of whichever case comes first."""
+    path = os.path.join(workdir, f"warm-{os.getpid()}{target.suffix}")
+    for data in ctx.seeds:
+        with open(path, "wb") as fh:
+            fh.write(data)
+        try:
+            target.call(path, ctx)
+        except Exception:  # noqa: BLE001 - a seed that does not load is found again by its cases
+            continue
+    os.unlink(path)
+
+
 def _worker(tname: str, seed: int, indices: range, workdir: str, conn, current, rlimit_mb: int) -> None:
     try:
         import torch
@@ -317,6 +332,8 @@ def _worker(tname: str, seed: int, indices: range, workdir: str, conn, current, 
     warnings.simplefilter("ignore")  # NaN/overflow in mutated data are expected, not findings
     target = TARGETS[tname]
     ctx = _build_seeds(target, workdir)
+    if target.warm_up:
+        _warm_up(target, ctx, workdir)
     if rlimit_mb > 0:
         import resource
 

@@ -74,7 +74,7 @@ def test_harness_reports_untyped_exceptions_hangs_and_crashes(tmp_path, monkeypa
             raise CorruptFileError("typed")
 
     fake = pyfuzz.Target("fake", ".bin", lambda tmp: [b"x" * 10, b"y" * 11, b"z" * 12, b"w" * 13, b"v" * 14],
-                         lambda rng, d, ctx: d, call)
+                         lambda rng, d, ctx: d, call, warm_up=False)  # its seeds are the failures
     monkeypatch.setitem(pyfuzz.TARGETS, "fake", fake)
     monkeypatch.setattr(pyfuzz, "make_case", lambda t, ctx, seed, idx: ctx.seeds[idx % 5])
     s = pyfuzz.run("fake", 5, seed=0, out=str(tmp_path), timeout=2, start_method="fork")  # the fake target exists only here

@@ -474,6 +474,9 @@ META_CASES = {
     "n_protect_negative": (_set(["layers", "up", "n_protect"], -1), "'n_protect'"),
     "bias_dtype_unknown": (_set(["layers", "up", "bias_dtype"], "int64"), "'bias_dtype'"),
     "bias_dtype_number": (_set(["layers", "up", "bias_dtype"], 3), "'bias_dtype'"),
+    # found by pyfuzz (load_quantized_pt): an unhashable value made the lookup raise TypeError
+    "bias_dtype_list": (_set(["layers", "up", "bias_dtype"], ["float32"]), "'bias_dtype'"),
+    "bias_dtype_object": (_set(["layers", "up", "bias_dtype"], {"a": 1}), "'bias_dtype'"),
     "bias_not_bool": (_set(["layers", "up", "bias"], 1), "'bias'"),
 }
 

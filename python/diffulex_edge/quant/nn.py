@@ -284,7 +284,7 @@ class QuantizedLinear(nn.Module):
             raise bad("act_mode", "'weight_only' (activation quantization needs dtype int8)")
         if not _is_int(out["n_protect"]) or not 0 <= out["n_protect"] <= out["in_features"] * out["out_features"]:
             raise bad("n_protect", "an int between 0 and in_features * out_features")
-        if out["bias_dtype"] not in _BIAS_DTYPES:
+        if not isinstance(out["bias_dtype"], str) or out["bias_dtype"] not in _BIAS_DTYPES:
             raise bad("bias_dtype", f"one of {', '.join(_BIAS_DTYPES)}")
         out["bias_dtype"] = _BIAS_DTYPES[out["bias_dtype"]]
         return out
