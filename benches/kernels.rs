@@ -83,7 +83,9 @@ fn gemv_benches(c: &mut Criterion) {
             let mut out = vec![0f32; m * n];
             if m == 1 {
                 g.throughput(Throughput::Bytes((n * k) as u64));
-                g.bench_function("int8_m1", |b| b.iter(|| linear(black_box(&x), m, &w8, None, &mut out, level).unwrap()));
+                g.bench_function("int8_m1", |b| {
+                    b.iter(|| linear(black_box(&x), m, &w8, None, &mut out, level).unwrap())
+                });
             }
             for group in [32, 128] {
                 let layout = Int4Layout::new(n, k, group).unwrap();

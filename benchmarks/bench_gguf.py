@@ -67,16 +67,16 @@ def main():
             from gguf import GGMLQuantizationType, quants
         rows = []  # per round: (search s, rtn s, gguf-py s)
         for _ in range(args.rounds):
-            s_ref = best_of(lambda: quants.quantize(x, GGMLQuantizationType[t]), 1) if has_ref else None
-            s_rtn = best_of(lambda: quantize(x, t, mode="rtn"), 3) if has_rtn else None
-            s_search = None if args.no_search else best_of(lambda: quantize(x, t), 1)
+            s_ref = best_of(lambda t=t: quants.quantize(x, GGMLQuantizationType[t]), 1) if has_ref else None
+            s_rtn = best_of(lambda t=t: quantize(x, t, mode="rtn"), 3) if has_rtn else None
+            s_search = None if args.no_search else best_of(lambda t=t: quantize(x, t), 1)
             rows.append((s_search, s_rtn, s_ref))
 
         def med(vals):
             vals = [v for v in vals if v is not None]
             return float(np.median(vals)) if vals else None
 
-        def ratio(i):
+        def ratio(i, rows=rows):
             r = [row[2] / row[i] for row in rows if row[2] and row[i]]
             return f"{np.median(r):.1f}x [{min(r):.1f}..{max(r):.1f}]" if r else "-"
 

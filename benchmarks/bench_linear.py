@@ -21,12 +21,12 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 
+import torch
 from diffulex_edge import _native
 from diffulex_edge.quant.nn import QuantizedLinear
+from torch import nn
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features) as nn.Linear(in, out)
 BATCHES = [1, 8, 64]
@@ -124,11 +124,11 @@ def bench_shape(k: int, n: int, batches: List[int], rounds: int, min_time: float
         x = torch.randn(m, k)
         xb = x.to(torch.bfloat16)
         variants: Dict[str, Callable[[], object]] = {
-            "torch fp32": lambda: F.linear(x, w32),
-            "torch bf16": lambda: F.linear(xb, w16),
+            "torch fp32": lambda x=x: F.linear(x, w32),
+            "torch bf16": lambda xb=xb: F.linear(xb, w16),
         }
         for name, mod in {**ours, **others}.items():
-            variants[name] = (lambda mod=mod: mod(x))
+            variants[name] = (lambda mod=mod, x=x: mod(x))
         if m == 1:
             # the memory-bandwidth yardstick, timed in the same rounds as the kernels
             variants["copy"] = lambda: copy_dst.copy_(copy_src)

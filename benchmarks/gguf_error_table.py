@@ -46,7 +46,7 @@ def main():
                 cells.append(f"{ours:.4f} / -")
         x = data["gauss"]
 
-        def werr(q):
+        def werr(q, t=t, x=x):
             return float(np.sum(imp * (dequantize(q, t) - x) ** 2))
 
         ratio = werr(quantize(x, t, imatrix=imp)) / werr(quantize(x, t))

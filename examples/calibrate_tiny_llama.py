@@ -15,8 +15,13 @@ import tempfile
 import time
 
 import torch
-
-from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, SmoothQuantConfig, compute_imatrix, smoothquant_w8a8
+from diffulex_edge.calib import (
+    CalibrationDataset,
+    ImportanceMatrix,
+    SmoothQuantConfig,
+    compute_imatrix,
+    smoothquant_w8a8,
+)
 from diffulex_edge.data import wikitext2
 from diffulex_edge.eval import perplexity
 from diffulex_edge.hf import load_model

@@ -7,7 +7,6 @@ import os
 import tempfile
 
 import torch
-
 from diffulex_edge.quant import (
     INT4Quantizer,
     QuantizationConfig,

@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ def _committed_gguf_seeds() -> List[bytes]:
 
 def _gguf_seeds(tmp: str) -> List[bytes]:
     import numpy as np
+
     from diffulex_edge.gguf import GGUFWriter
 
     rs = np.random.default_rng(0)
@@ -92,6 +92,7 @@ def _gguf_seeds(tmp: str) -> List[bytes]:
 
 def _imatrix_seeds(tmp: str, fmt: str) -> List[bytes]:
     import numpy as np
+
     from diffulex_edge.gguf.file import GGUFWriter
     from diffulex_edge.gguf.imatrix import ImatrixEntry, ImatrixFile, write_imatrix
 

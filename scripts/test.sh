@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit/property tests, Python tests with coverage (>= 90%), the
-# examples, and the tch feature against libtorch from torch 2.13.0 (its own venv).
+# The whole test suite: lint (rustfmt, clippy, ruff), Rust unit/property tests, Python tests with
+# coverage (>= 90%), the examples, and the tch feature against libtorch from torch 2.13.0 (its own venv).
 # Set SKIP_TCH=1 to leave out the tch part (it downloads torch 2.13.0 and compiles torch-sys).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "run scripts/setup.sh first" >&2; exit 1; }
 
+echo "== lint (cargo fmt, clippy, ruff)"
+cargo fmt --check
+(cd fuzz && cargo fmt --check)
+cargo clippy --release --all-targets --features python --quiet -- -D warnings
+"$PY" -m ruff check python tests examples benchmarks fuzz
+
 echo "== cargo test (pure Rust, no Python, no libtorch)"
 cargo test --release --quiet
 
 echo "== pytest (Python package, coverage)"
-"$PY" -m pytest -q --cov=diffulex_edge --cov-report=term --cov-fail-under=90 tests/
+"$PY" -m pytest -q --durations=15 --cov=diffulex_edge --cov-report=term --cov-fail-under=90 tests/
 
 echo "== examples"
 "$PY" examples/quickstart.py

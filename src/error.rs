@@ -26,9 +26,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Check that a buffer has exactly `expected` elements.
 pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
-        return Err(Error::Shape(format!(
-            "{what} has {got} elements, expected {expected}"
-        )));
+        return Err(Error::Shape(format!("{what} has {got} elements, expected {expected}")));
     }
     Ok(())
 }

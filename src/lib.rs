@@ -3,8 +3,8 @@
 //! The crate is framework-agnostic: it works on plain slices. The `python` feature adds the pyo3
 //! bindings (`diffulex_edge._native`), the `tch` feature adds `tch::Tensor` adapters.
 
-pub mod error;
 pub mod calib;
+pub mod error;
 pub mod formats;
 pub mod gguf;
 pub mod kernels;

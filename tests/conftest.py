@@ -10,8 +10,9 @@ import os
 import sys
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
+
+import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -58,8 +58,7 @@ fn half_step(q: &QuantizedWeight, w: &Tensor) -> Tensor {
             return w.abs() * rel + tiny;
         }
     };
-    Tensor::from_slice(&per_elem).reshape([n as i64, k as i64]) * (1.0 + 1e-5)
-        + w.abs() * (4.0 * f32::EPSILON as f64)
+    Tensor::from_slice(&per_elem).reshape([n as i64, k as i64]) * (1.0 + 1e-5) + w.abs() * (4.0 * f32::EPSILON as f64)
 }
 
 /// Assert |got - want| <= bound everywhere, printing the worst offender otherwise.

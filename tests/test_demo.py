@@ -1,5 +1,4 @@
 import torch
-
 from diffulex_edge import demo
 from diffulex_edge.testing import TinyTransformerLM, tiny_transformer
 

@@ -4,10 +4,9 @@ that name the offending layer, raised before the model is touched."""
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
 import diffulex_edge
+import torch
 from diffulex_edge import (
     ConfigError,
     CorruptFileError,
@@ -22,6 +21,7 @@ from diffulex_edge.quant import (
     INT4Quantizer,
     INT8Quantizer,
 )
+from torch import nn
 
 QUANTIZERS = {
     "fp16": FP16Quantizer,
@@ -158,8 +158,9 @@ def test_integer_weights():
 
 
 def test_errors_from_the_native_core_are_typed():
-    from diffulex_edge import _native
     import numpy as np
+
+    from diffulex_edge import _native
 
     with pytest.raises(ShapeError):
         _native.dequantize_int8(np.zeros((2, 3), np.int8), np.ones(3, np.float32), np.zeros(2, np.int8))

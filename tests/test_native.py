@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
+import reference as ref
 
 import diffulex_edge
-import reference as ref
+import torch
 from diffulex_edge import ConfigError, ShapeError, UnsupportedFormatError, _native, kernel_info
 
 LEVELS = kernel_info()["available"]

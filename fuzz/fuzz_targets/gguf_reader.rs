@@ -12,10 +12,16 @@ use libfuzzer_sys::fuzz_target;
 
 fn walk(v: &Value) -> usize {
     match v {
-        Value::Array(t, items) => items.iter().map(|i| {
-            assert_eq!(i.value_type(), *t, "array element of the wrong type");
-            walk(i)
-        }).sum::<usize>() + 1,
+        Value::Array(t, items) => {
+            items
+                .iter()
+                .map(|i| {
+                    assert_eq!(i.value_type(), *t, "array element of the wrong type");
+                    walk(i)
+                })
+                .sum::<usize>()
+                + 1
+        }
         Value::String(s) => s.len(),
         other => other.as_u64().map_or(1, |_| 2),
     }

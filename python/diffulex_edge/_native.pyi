@@ -1,6 +1,7 @@
 """Type stubs for the Rust extension module (src/python/mod.rs)."""
 
-from typing import Optional, Union
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -73,8 +74,6 @@ def linear_w8a8(
 ) -> None: ...
 
 # --- GGML block formats and the GGUF container (src/python/gguf.rs) ---
-import os
-from typing import Any, Dict, List, Tuple, Union
 
 def ggml_types() -> List[Tuple[str, int, int, int, bool]]: ...
 def ggml_quantize(
@@ -89,6 +88,20 @@ def gguf_write(
     path: Union[str, "os.PathLike[str]"], metadata: List[Tuple[str, List[int], Any]],
     tensors: List[Tuple[str, List[int], int, npt.NDArray[np.uint8]]],
 ) -> None: ...
+
+class GGUFStreamWriter:
+    """A GGUF file written tensor by tensor: created with the metadata and
+    ``[(name, gguf_dims, ggml_type_id)]``, then ``write_tensor`` in that order, then ``finish``
+    (the file appears at `path` complete). ``abort``, or dropping it unfinished, discards it."""
+
+    def __init__(
+        self, path: Union[str, "os.PathLike[str]"], metadata: List[Tuple[str, List[int], Any]],
+        tensors: List[Tuple[str, List[int], int]],
+    ) -> None: ...
+    def write_tensor(self, name: str, data: npt.NDArray[np.uint8]) -> None: ...
+    def next_tensor(self) -> Optional[str]: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
 
 # --- calibration statistics (src/python/calib.rs) ---
 def calib_accumulate(

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 EPILOG = """examples:
   diffulex-quant quantize examples/tiny-llama-wikitext --dtype int4 --group-size 32 -o /tmp/tiny-int4

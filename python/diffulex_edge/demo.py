@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .quant import QuantizationConfig, QuantizationDtype, QUANTIZERS, model_size_bytes
+from .quant import QUANTIZERS, QuantizationConfig, model_size_bytes
 from .testing import tiny_transformer
 
 SCHEMES = [

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
+
+import torch
 from torch import nn
 
 

@@ -142,10 +142,8 @@ pub fn mse_clip(hist: &[u64], absmax: f32, qmax: f32, steps: usize) -> Result<f3
         .filter(|(_, n)| **n > 0)
         .map(|(i, n)| ((0.5 * (bin_lo(i) + bin_hi(i))).min(absmax), *n))
         .collect();
-    let errs: Vec<f64> = (1..=steps)
-        .into_par_iter()
-        .map(|k| clip_error(&bins, absmax * k as f32 / steps as f32, qmax))
-        .collect();
+    let errs: Vec<f64> =
+        (1..=steps).into_par_iter().map(|k| clip_error(&bins, absmax * k as f32 / steps as f32, qmax)).collect();
     let mut best = steps - 1;
     for (i, e) in errs.iter().enumerate().rev() {
         if *e < errs[best] {

@@ -44,7 +44,16 @@ fn non_finite(x: &[f32], cols: usize) -> Error {
 /// Reduce one block of columns `[c0, c0 + n)` over all rows into fresh accumulators.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn reduce_block(x: &[f32], cols: usize, rows: usize, c0: usize, s2: &mut [f64], amax: &mut [f32], lo: &mut [f32], hi: &mut [f32]) {
+fn reduce_block(
+    x: &[f32],
+    cols: usize,
+    rows: usize,
+    c0: usize,
+    s2: &mut [f64],
+    amax: &mut [f32],
+    lo: &mut [f32],
+    hi: &mut [f32],
+) {
     let n = s2.len();
     for r in 0..rows {
         let xr = &x[r * cols + c0..r * cols + c0 + n];
@@ -140,7 +149,12 @@ mod tests {
 
     impl Owned {
         fn new(cols: usize) -> Self {
-            Owned { s2: vec![0.0; cols], amax: vec![0.0; cols], lo: vec![f32::INFINITY; cols], hi: vec![f32::NEG_INFINITY; cols] }
+            Owned {
+                s2: vec![0.0; cols],
+                amax: vec![0.0; cols],
+                lo: vec![f32::INFINITY; cols],
+                hi: vec![f32::NEG_INFINITY; cols],
+            }
         }
         fn view(&mut self) -> ColumnStatsMut<'_> {
             ColumnStatsMut { sum_sq: &mut self.s2, absmax: &mut self.amax, min: &mut self.lo, max: &mut self.hi }

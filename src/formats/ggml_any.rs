@@ -78,29 +78,88 @@ impl BlockFormat for BF16 {
 macro_rules! with_format {
     ($t:expr, $F:ident => $body:expr) => {
         match $t {
-            GgmlType::F32 => { type $F = F32; $body }
-            GgmlType::F16 => { type $F = F16; $body }
-            GgmlType::BF16 => { type $F = BF16; $body }
-            GgmlType::Q4_0 => { type $F = legacy::Q4_0; $body }
-            GgmlType::Q4_1 => { type $F = legacy::Q4_1; $body }
-            GgmlType::Q5_0 => { type $F = legacy::Q5_0; $body }
-            GgmlType::Q5_1 => { type $F = legacy::Q5_1; $body }
-            GgmlType::Q8_0 => { type $F = legacy::Q8_0; $body }
-            GgmlType::Q2_K => { type $F = kq::Q2K; $body }
-            GgmlType::Q3_K => { type $F = kq::Q3K; $body }
-            GgmlType::Q4_K => { type $F = kq::Q4K; $body }
-            GgmlType::Q5_K => { type $F = kq::Q5K; $body }
-            GgmlType::Q6_K => { type $F = kq::Q6K; $body }
-            GgmlType::TQ1_0 => { type $F = ternary::TQ1_0; $body }
-            GgmlType::TQ2_0 => { type $F = ternary::TQ2_0; $body }
-            GgmlType::IQ4_NL => { type $F = iq::IQ4NL; $body }
-            GgmlType::IQ4_XS => { type $F = iq::IQ4XS; $body }
+            GgmlType::F32 => {
+                type $F = F32;
+                $body
+            }
+            GgmlType::F16 => {
+                type $F = F16;
+                $body
+            }
+            GgmlType::BF16 => {
+                type $F = BF16;
+                $body
+            }
+            GgmlType::Q4_0 => {
+                type $F = legacy::Q4_0;
+                $body
+            }
+            GgmlType::Q4_1 => {
+                type $F = legacy::Q4_1;
+                $body
+            }
+            GgmlType::Q5_0 => {
+                type $F = legacy::Q5_0;
+                $body
+            }
+            GgmlType::Q5_1 => {
+                type $F = legacy::Q5_1;
+                $body
+            }
+            GgmlType::Q8_0 => {
+                type $F = legacy::Q8_0;
+                $body
+            }
+            GgmlType::Q2_K => {
+                type $F = kq::Q2K;
+                $body
+            }
+            GgmlType::Q3_K => {
+                type $F = kq::Q3K;
+                $body
+            }
+            GgmlType::Q4_K => {
+                type $F = kq::Q4K;
+                $body
+            }
+            GgmlType::Q5_K => {
+                type $F = kq::Q5K;
+                $body
+            }
+            GgmlType::Q6_K => {
+                type $F = kq::Q6K;
+                $body
+            }
+            GgmlType::TQ1_0 => {
+                type $F = ternary::TQ1_0;
+                $body
+            }
+            GgmlType::TQ2_0 => {
+                type $F = ternary::TQ2_0;
+                $body
+            }
+            GgmlType::IQ4_NL => {
+                type $F = iq::IQ4NL;
+                $body
+            }
+            GgmlType::IQ4_XS => {
+                type $F = iq::IQ4XS;
+                $body
+            }
         }
     };
 }
 
 /// Quantize a row-major `[rows, cols]` f32 matrix to `t` (fast path).
-pub fn quantize(t: GgmlType, x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, level: KernelLevel) -> Result<Vec<u8>> {
+pub fn quantize(
+    t: GgmlType,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+    level: KernelLevel,
+) -> Result<Vec<u8>> {
     #[cfg(target_arch = "x86_64")]
     if mode == QuantMode::Rtn && level != KernelLevel::Scalar {
         use crate::kernels::ggml_rtn::LegacyKind as K;
@@ -120,7 +179,14 @@ pub fn quantize(t: GgmlType, x: &[f32], rows: usize, cols: usize, imp: Option<&[
 }
 
 /// The scalar reference of [`quantize`].
-pub fn quantize_ref(t: GgmlType, x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode) -> Result<Vec<u8>> {
+pub fn quantize_ref(
+    t: GgmlType,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+) -> Result<Vec<u8>> {
     with_format!(t, F => gb::quantize_ref::<F>(x, rows, cols, imp, mode))
 }
 
@@ -136,9 +202,9 @@ pub fn dequantize_ref(t: GgmlType, b: &[u8], n: usize) -> Result<Vec<f32>> {
 
 /// Check the compile-time constants of every implementation against the registry table.
 pub fn registry_is_consistent() -> bool {
-    GgmlType::ALL.iter().all(|t| {
-        with_format!(*t, F => F::TYPE == *t && F::BLOCK == t.block_size() && F::BYTES == t.type_size())
-    })
+    GgmlType::ALL
+        .iter()
+        .all(|t| with_format!(*t, F => F::TYPE == *t && F::BLOCK == t.block_size() && F::BYTES == t.type_size()))
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, first_non_finite, Error, Result};
-use crate::kernels::KernelLevel;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::ggml_rtn::{self, LegacyKind};
+use crate::kernels::KernelLevel;
 
 /// Weights per K-quant super-block (`QK_K` in ggml).
 pub const QK_K: usize = 256;
@@ -37,7 +37,9 @@ impl QuantMode {
         match s.trim().to_ascii_lowercase().as_str() {
             "search" | "default" | "auto" => Ok(QuantMode::Search),
             "rtn" => Ok(QuantMode::Rtn),
-            other => Err(Error::InvalidArgument(format!("unknown quantization mode {other:?}; use \"search\" or \"rtn\""))),
+            other => {
+                Err(Error::InvalidArgument(format!("unknown quantization mode {other:?}; use \"search\" or \"rtn\"")))
+            }
         }
     }
 }
@@ -195,7 +197,13 @@ unsafe fn dequantize_blocks_avx2<F: BlockFormat>(b: &[u8], out: &mut [f32]) {
 /// type on Zen 4 (search mode, 512x14336: Q4_K 311 vs 167 ms, Q5_K 356 vs 176, Q2_K 470 vs 244,
 /// Q6_K 278 vs 253, others within 5%; dequantize within noise except Q6_K/TQ2_0/IQ4_XS, again
 /// slower): the compiler's 512-bit versions of these short per-block loops pay in masked tails.
-fn quantize_blocks_at<F: BlockFormat>(level: KernelLevel, x: &[f32], imp: Option<&[f32]>, mode: QuantMode, out: &mut [u8]) {
+fn quantize_blocks_at<F: BlockFormat>(
+    level: KernelLevel,
+    x: &[f32],
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+    out: &mut [u8],
+) {
     match level {
         // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which check
         // the CPU, and each of them includes AVX2 and FMA.
@@ -215,7 +223,12 @@ fn dequantize_blocks_at<F: BlockFormat>(level: KernelLevel, b: &[u8], out: &mut 
 }
 
 fn check_quantize_args<F: BlockFormat>(
-    x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, scan_finite: bool,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+    scan_finite: bool,
 ) -> Result<usize> {
     check_len("weight", x.len(), rows * cols)?;
     let row_bytes = F::TYPE.row_bytes(cols)?;
@@ -223,13 +236,15 @@ fn check_quantize_args<F: BlockFormat>(
         check_len("importance weights (one per column)", w.len(), cols)?;
         if let Some(j) = w.iter().position(|v| !v.is_finite() || *v < 0.0) {
             return Err(Error::InvalidArgument(format!(
-                "importance weight {j} is {}; importances must be finite and >= 0", w[j]
+                "importance weight {j} is {}; importances must be finite and >= 0",
+                w[j]
             )));
         }
     }
     if mode == QuantMode::Rtn && !F::TYPE.has_rtn() {
         return Err(Error::Unsupported(format!(
-            "{} has no round-to-nearest (gguf-py) quantizer; use mode=\"search\"", F::TYPE.name()
+            "{} has no round-to-nearest (gguf-py) quantizer; use mode=\"search\"",
+            F::TYPE.name()
         )));
     }
     // F32/F16/BF16 store what they are given; every block format needs finite input.
@@ -268,19 +283,35 @@ fn sanitize_importance(imp: Option<&[f32]>) -> Option<Vec<f32>> {
 }
 
 /// Scalar reference: quantize a row-major `[rows, cols]` matrix one block at a time.
-pub fn quantize_ref<F: BlockFormat>(x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode) -> Result<Vec<u8>> {
+pub fn quantize_ref<F: BlockFormat>(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+) -> Result<Vec<u8>> {
     let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode, true)?;
     let imp = sanitize_importance(imp);
     let mut out = vec![0u8; rows * row_bytes];
     for r in 0..rows {
-        quantize_blocks::<F>(&x[r * cols..(r + 1) * cols], imp.as_deref(), mode, &mut out[r * row_bytes..(r + 1) * row_bytes]);
+        quantize_blocks::<F>(
+            &x[r * cols..(r + 1) * cols],
+            imp.as_deref(),
+            mode,
+            &mut out[r * row_bytes..(r + 1) * row_bytes],
+        );
     }
     Ok(out)
 }
 
 /// Fast path: rows in parallel, block loop compiled for `level`; bytes equal `quantize_ref`'s.
 pub fn quantize<F: BlockFormat>(
-    x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>, mode: QuantMode, level: KernelLevel,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: Option<&[f32]>,
+    mode: QuantMode,
+    level: KernelLevel,
 ) -> Result<Vec<u8>> {
     let row_bytes = check_quantize_args::<F>(x, rows, cols, imp, mode, true)?;
     let imp = sanitize_importance(imp);
@@ -291,13 +322,11 @@ pub fn quantize<F: BlockFormat>(
     let imp = imp.as_deref();
     // Several rows per task when rows are short, so scheduling stays negligible.
     let rows_per_task = (16384 / cols.max(1)).max(1);
-    out.par_chunks_mut(row_bytes * rows_per_task)
-        .zip(x.par_chunks(cols * rows_per_task))
-        .for_each(|(o, xr)| {
-            for (ob, xb) in o.chunks_mut(row_bytes).zip(xr.chunks(cols)) {
-                quantize_blocks_at::<F>(level, xb, imp, mode, ob);
-            }
-        });
+    out.par_chunks_mut(row_bytes * rows_per_task).zip(x.par_chunks(cols * rows_per_task)).for_each(|(o, xr)| {
+        for (ob, xb) in o.chunks_mut(row_bytes).zip(xr.chunks(cols)) {
+            quantize_blocks_at::<F>(level, xb, imp, mode, ob);
+        }
+    });
     Ok(out)
 }
 
@@ -307,7 +336,11 @@ pub fn quantize<F: BlockFormat>(
 /// `level` must be above `Scalar` (the caller falls back to [`quantize`] otherwise).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
-    kind: LegacyKind, x: &[f32], rows: usize, cols: usize, level: KernelLevel,
+    kind: LegacyKind,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    level: KernelLevel,
 ) -> Result<Vec<u8>> {
     debug_assert_eq!(kind.block_bytes(), F::BYTES);
     let row_bytes = check_quantize_args::<F>(x, rows, cols, None, QuantMode::Rtn, false)?;
@@ -345,7 +378,11 @@ pub(crate) fn quantize_legacy_rtn<F: BlockFormat>(
 
 fn check_dequantize_args<F: BlockFormat>(b: &[u8], n: usize) -> Result<()> {
     if !n.is_multiple_of(F::BLOCK) {
-        return Err(Error::Shape(format!("{}: {n} weights are not a whole number of {}-weight blocks", F::TYPE.name(), F::BLOCK)));
+        return Err(Error::Shape(format!(
+            "{}: {n} weights are not a whole number of {}-weight blocks",
+            F::TYPE.name(),
+            F::BLOCK
+        )));
     }
     check_len(&format!("{} data (bytes)", F::TYPE.name()), b.len(), n / F::BLOCK * F::BYTES)
 }
@@ -447,7 +484,18 @@ mod tests {
         for b in (0..=u32::MAX).step_by(9973) {
             check(b);
         }
-        for b in [0, 0x8000_0000, 0x3300_0000, 0x3300_0001, 0x477f_f000, 0x477f_efff, 0x7f80_0000, 0x7fc0_0000, 0x3880_0000, 0x387f_ffff] {
+        for b in [
+            0,
+            0x8000_0000,
+            0x3300_0000,
+            0x3300_0001,
+            0x477f_f000,
+            0x477f_efff,
+            0x7f80_0000,
+            0x7fc0_0000,
+            0x3880_0000,
+            0x387f_ffff,
+        ] {
             check(b);
         }
     }

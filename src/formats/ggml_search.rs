@@ -366,7 +366,8 @@ mod tests {
 
     #[test]
     fn nearest_in_matches_linear_scan() {
-        let vals: [f32; 16] = [-127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.];
+        let vals: [f32; 16] =
+            [-127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.];
         for k in -1400..1400 {
             let v = k as f32 * 0.1;
             let lin = (0..16).min_by(|a, b| (vals[*a] - v).abs().total_cmp(&(vals[*b] - v).abs())).unwrap();
@@ -393,7 +394,14 @@ mod tests {
     fn ternary_search_beats_absmax() {
         let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         let d = search_ternary(&x, None);
-        let err = |d: f32| x.iter().map(|v| { let t = (v / d).round().clamp(-1.0, 1.0); (d * t - v).powi(2) }).sum::<f32>();
+        let err = |d: f32| {
+            x.iter()
+                .map(|v| {
+                    let t = (v / d).round().clamp(-1.0, 1.0);
+                    (d * t - v).powi(2)
+                })
+                .sum::<f32>()
+        };
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         assert!(err(d) <= err(amax));
     }

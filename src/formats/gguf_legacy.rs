@@ -11,18 +11,40 @@
 //! divisions, truncations and half-away-from-zero rounding), hence the same bytes.
 
 use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType};
-use super::ggml_search::{absmax, levels_affine, levels_sym, min_max, pick_affine, pick_sym, round_i, search_affine, search_sym, signed_absmax};
+use super::ggml_search::{
+    absmax, levels_affine, levels_sym, min_max, pick_affine, pick_sym, round_i, search_affine, search_sym,
+    signed_absmax,
+};
 
 #[repr(C)]
-pub struct BlockQ4_0 { pub d: [u8; 2], pub qs: [u8; 16] }
+pub struct BlockQ4_0 {
+    pub d: [u8; 2],
+    pub qs: [u8; 16],
+}
 #[repr(C)]
-pub struct BlockQ4_1 { pub d: [u8; 2], pub m: [u8; 2], pub qs: [u8; 16] }
+pub struct BlockQ4_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub qs: [u8; 16],
+}
 #[repr(C)]
-pub struct BlockQ5_0 { pub d: [u8; 2], pub qh: [u8; 4], pub qs: [u8; 16] }
+pub struct BlockQ5_0 {
+    pub d: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
 #[repr(C)]
-pub struct BlockQ5_1 { pub d: [u8; 2], pub m: [u8; 2], pub qh: [u8; 4], pub qs: [u8; 16] }
+pub struct BlockQ5_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
 #[repr(C)]
-pub struct BlockQ8_0 { pub d: [u8; 2], pub qs: [u8; 32] }
+pub struct BlockQ8_0 {
+    pub d: [u8; 2],
+    pub qs: [u8; 32],
+}
 
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
@@ -61,7 +83,11 @@ fn pack_high_bits(l: &[i32; 32]) -> [u8; 4] {
 /// gguf-py's reciprocal: `np.where(d == 0, 0, 1 / d)`.
 #[inline(always)]
 fn inv(d: f32) -> f32 {
-    if d == 0.0 { 0.0 } else { 1.0 / d }
+    if d == 0.0 {
+        0.0
+    } else {
+        1.0 / d
+    }
 }
 
 /// Symmetric 4/5-bit: (stored d, levels shifted to unsigned).

@@ -13,9 +13,16 @@ use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, Bloc
 use super::ggml_search::{absmax, levels_sym, pick_sym, search_ternary};
 
 #[repr(C)]
-pub struct BlockTQ1_0 { pub qs: [u8; 48], pub qh: [u8; 4], pub d: [u8; 2] }
+pub struct BlockTQ1_0 {
+    pub qs: [u8; 48],
+    pub qh: [u8; 4],
+    pub d: [u8; 2],
+}
 #[repr(C)]
-pub struct BlockTQ2_0 { pub qs: [u8; 64], pub d: [u8; 2] }
+pub struct BlockTQ2_0 {
+    pub qs: [u8; 64],
+    pub d: [u8; 2],
+}
 
 const _: () = assert!(std::mem::size_of::<BlockTQ1_0>() == 54);
 const _: () = assert!(std::mem::size_of::<BlockTQ2_0>() == 66);

@@ -40,18 +40,14 @@ pub fn half_to_f32_ref(src: &[u16], dst: &mut [f32], kind: HalfKind) {
 /// Narrow f32 to f16/bf16 bits in parallel.
 pub fn f32_to_half(src: &[f32], dst: &mut [u16], kind: HalfKind) -> Result<()> {
     check_len("destination", dst.len(), src.len())?;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| convert_from_f32(s, d, kind));
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert_from_f32(s, d, kind));
     Ok(())
 }
 
 /// Widen f16/bf16 bits to f32 in parallel.
 pub fn half_to_f32(src: &[u16], dst: &mut [f32], kind: HalfKind) -> Result<()> {
     check_len("destination", dst.len(), src.len())?;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| convert_to_f32(s, d, kind));
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert_to_f32(s, d, kind));
     Ok(())
 }
 
@@ -78,13 +74,11 @@ fn convert_from_f32(src: &[f32], dst: &mut [u16], kind: HalfKind) {
     match kind {
         HalfKind::F16 => {
             // SAFETY: f16 is repr(transparent) over u16.
-            let d: &mut [f16] =
-                unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
+            let d: &mut [f16] = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
             d.convert_from_f32_slice(src);
         }
         HalfKind::BF16 => {
-            let d: &mut [bf16] =
-                unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
+            let d: &mut [bf16] = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
             d.convert_from_f32_slice(src);
         }
     }
@@ -127,12 +121,10 @@ mod tests {
     fn ties_round_to_even() {
         // 1 + 2^-11 lies halfway between 1 and the next f16; ties to even gives 1.0
         let mut out = [0u16; 2];
-        f32_to_half(&[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out, HalfKind::F16)
-            .unwrap();
+        f32_to_half(&[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out, HalfKind::F16).unwrap();
         assert_eq!(out, [0x3C00, 0x3C02]);
         // bf16: 1 + 2^-8 is halfway between 1 and 1 + 2^-7
-        f32_to_half(&[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)], &mut out, HalfKind::BF16)
-            .unwrap();
+        f32_to_half(&[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)], &mut out, HalfKind::BF16).unwrap();
         assert_eq!(out, [0x3F80, 0x3F82]);
     }
 

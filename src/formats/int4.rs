@@ -102,7 +102,9 @@ pub fn quantize_ref(w: &[f32], layout: Int4Layout, symmetric: bool) -> Result<In
     }
     let g = layout.groups();
     let mut m = Int4Matrix {
-        rows, cols, group,
+        rows,
+        cols,
+        group,
         packed: vec![0; rows * layout.row_bytes()],
         scales: vec![0.0; rows * g],
         zeros: vec![0; rows * g],
@@ -132,7 +134,9 @@ pub fn quantize_ref(w: &[f32], layout: Int4Layout, symmetric: bool) -> Result<In
 pub fn quantize(w: &[f32], layout: Int4Layout, symmetric: bool, level: KernelLevel) -> Result<Int4Matrix> {
     let g = layout.groups();
     let mut m = Int4Matrix {
-        rows: layout.rows, cols: layout.cols, group: layout.group,
+        rows: layout.rows,
+        cols: layout.cols,
+        group: layout.group,
         packed: crate::mem::zeroed_vec(layout.rows * layout.row_bytes()),
         scales: vec![0.0; layout.rows * g],
         zeros: vec![0; layout.rows * g],
@@ -143,8 +147,13 @@ pub fn quantize(w: &[f32], layout: Int4Layout, symmetric: bool, level: KernelLev
 
 /// `quantize` into caller-provided buffers.
 pub fn quantize_into(
-    w: &[f32], layout: Int4Layout, symmetric: bool, level: KernelLevel,
-    packed: &mut [u8], scales: &mut [f32], zeros: &mut [u8],
+    w: &[f32],
+    layout: Int4Layout,
+    symmetric: bool,
+    level: KernelLevel,
+    packed: &mut [u8],
+    scales: &mut [f32],
+    zeros: &mut [u8],
 ) -> Result<()> {
     let Int4Layout { rows, cols, group } = layout;
     check_len("weight", w.len(), rows * cols)?;
@@ -201,21 +210,27 @@ pub fn quantize_into(
 }
 
 fn nibbles(level: KernelLevel, w: &[f32], u: &mut [u8], scale: f32, zp: f32) {
-    dispatch!(level, fn nib(w: &[f32], u: &mut [u8], scale: f32, zp: f32) -> () {
-        for (d, v) in u.iter_mut().zip(w) {
-            let t = round_even_small((v / scale).clamp(-32.0, 32.0)) + zp;
-            *d = t.clamp(0.0, 15.0) as u8;
+    dispatch!(
+        level,
+        fn nib(w: &[f32], u: &mut [u8], scale: f32, zp: f32) -> () {
+            for (d, v) in u.iter_mut().zip(w) {
+                let t = round_even_small((v / scale).clamp(-32.0, 32.0)) + zp;
+                *d = t.clamp(0.0, 15.0) as u8;
+            }
         }
-    })
+    )
 }
 
 /// Pack pairs of nibbles (low nibble = even column). `u.len()` is even (padded with 0).
 fn pack_row(level: KernelLevel, u: &[u8], out: &mut [u8]) {
-    dispatch!(level, fn pack(u: &[u8], out: &mut [u8]) -> () {
-        for (o, pair) in out.iter_mut().zip(u.chunks_exact(2)) {
-            *o = pair[0] | (pair[1] << 4);
+    dispatch!(
+        level,
+        fn pack(u: &[u8], out: &mut [u8]) -> () {
+            for (o, pair) in out.iter_mut().zip(u.chunks_exact(2)) {
+                *o = pair[0] | (pair[1] << 4);
+            }
         }
-    })
+    )
 }
 
 /// Unpack one row's nibbles into `u` (`u.len()` = cols).
@@ -263,7 +278,13 @@ pub fn dequantize_into(layout: Int4Layout, packed: &[u8], scales: &[f32], zeros:
     }
     let (rb, g) = (layout.row_bytes(), layout.groups());
     out.par_chunks_mut(layout.cols).enumerate().for_each(|(r, o)| {
-        dequantize_row(&packed[r * rb..(r + 1) * rb], &scales[r * g..(r + 1) * g], &zeros[r * g..(r + 1) * g], layout.group, o)
+        dequantize_row(
+            &packed[r * rb..(r + 1) * rb],
+            &scales[r * g..(r + 1) * g],
+            &zeros[r * g..(r + 1) * g],
+            layout.group,
+            o,
+        )
     });
     Ok(())
 }
@@ -313,9 +334,8 @@ mod tests {
     }
 
     fn matrix() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>)> {
-        (1usize..4, 1usize..300, prop::sample::select(INT4_GROUP_SIZES.to_vec())).prop_flat_map(|(r, c, g)| {
-            (Just(r), Just(c), Just(g), proptest::collection::vec(-10f32..10f32, r * c))
-        })
+        (1usize..4, 1usize..300, prop::sample::select(INT4_GROUP_SIZES.to_vec()))
+            .prop_flat_map(|(r, c, g)| (Just(r), Just(c), Just(g), proptest::collection::vec(-10f32..10f32, r * c)))
     }
 
     proptest! {

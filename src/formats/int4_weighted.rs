@@ -116,7 +116,15 @@ fn check_importance(importance: &[f32], cols: usize) -> Result<()> {
     Ok(())
 }
 
-fn quantize_row(wr: &[f32], importance: &[f32], group: usize, symmetric: bool, pr: &mut [u8], sr: &mut [f32], zr: &mut [u8]) -> std::result::Result<(), usize> {
+fn quantize_row(
+    wr: &[f32],
+    importance: &[f32],
+    group: usize,
+    symmetric: bool,
+    pr: &mut [u8],
+    sr: &mut [f32],
+    zr: &mut [u8],
+) -> std::result::Result<(), usize> {
     for (gi, (s_out, z_out)) in sr.iter_mut().zip(zr.iter_mut()).enumerate() {
         let start = gi * group;
         let end = (start + group).min(wr.len());
@@ -143,7 +151,14 @@ fn run(w: &[f32], layout: Int4Layout, symmetric: bool, importance: &[f32], paral
     }
     let g = layout.groups();
     let rb = layout.row_bytes();
-    let mut m = Int4Matrix { rows, cols, group, packed: vec![0; rows * rb], scales: vec![0.0; rows * g], zeros: vec![0; rows * g] };
+    let mut m = Int4Matrix {
+        rows,
+        cols,
+        group,
+        packed: vec![0; rows * rb],
+        scales: vec![0.0; rows * g],
+        zeros: vec![0; rows * g],
+    };
     if rows == 0 || cols == 0 {
         return Ok(m);
     }
@@ -151,11 +166,21 @@ fn run(w: &[f32], layout: Int4Layout, symmetric: bool, importance: &[f32], paral
         quantize_row(wr, importance, group, symmetric, pr, sr, zr).err().map(|gi| (r, gi))
     };
     let bad = if parallel {
-        m.packed.par_chunks_mut(rb).zip(w.par_chunks(cols)).zip(m.scales.par_chunks_mut(g).zip(m.zeros.par_chunks_mut(g)))
-            .enumerate().filter_map(task).min()
+        m.packed
+            .par_chunks_mut(rb)
+            .zip(w.par_chunks(cols))
+            .zip(m.scales.par_chunks_mut(g).zip(m.zeros.par_chunks_mut(g)))
+            .enumerate()
+            .filter_map(task)
+            .min()
     } else {
-        m.packed.chunks_mut(rb).zip(w.chunks(cols)).zip(m.scales.chunks_mut(g).zip(m.zeros.chunks_mut(g)))
-            .enumerate().filter_map(task).min()
+        m.packed
+            .chunks_mut(rb)
+            .zip(w.chunks(cols))
+            .zip(m.scales.chunks_mut(g).zip(m.zeros.chunks_mut(g)))
+            .enumerate()
+            .filter_map(task)
+            .min()
     };
     match bad {
         None => Ok(m),
@@ -204,7 +229,12 @@ mod tests {
     fn concentrated_importance_cuts_weighted_error() {
         // heavy-tailed weights, a few columns carry almost all the activation energy
         let (rows, cols) = (64, 128);
-        let w: Vec<f32> = (0..rows * cols).map(|i| { let t = ((i * 7919) % 1000) as f32 / 1000.0 - 0.5; t * t * t * 40.0 }).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let t = ((i * 7919) % 1000) as f32 / 1000.0 - 0.5;
+                t * t * t * 40.0
+            })
+            .collect();
         let imp: Vec<f32> = (0..cols).map(|j| if j % 16 == 3 { 100.0 } else { 0.01 }).collect();
         let layout = Int4Layout::new(rows, cols, 32).unwrap();
         let rtn = int4::quantize(&w, layout, false, KernelLevel::detect()).unwrap().dequantize();

@@ -85,7 +85,8 @@ pub fn quantize_ref(w: &[f32], rows: usize, cols: usize, symmetric: bool) -> Res
     if let Some(e) = first_non_finite(w, cols) {
         return Err(e);
     }
-    let mut out = Int8Matrix { rows, cols, q: vec![0; rows * cols], scales: vec![0.0; rows], zero_points: vec![0; rows] };
+    let mut out =
+        Int8Matrix { rows, cols, q: vec![0; rows * cols], scales: vec![0.0; rows], zero_points: vec![0; rows] };
     for r in 0..rows {
         let row = &w[r * cols..(r + 1) * cols];
         let lo = row.iter().cloned().fold(f32::INFINITY, f32::min);
@@ -104,7 +105,13 @@ pub fn quantize_ref(w: &[f32], rows: usize, cols: usize, symmetric: bool) -> Res
 
 /// Fast path: rows in parallel, SIMD-friendly loops, bit-identical to `quantize_ref`.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, symmetric: bool, level: KernelLevel) -> Result<Int8Matrix> {
-    let mut out = Int8Matrix { rows, cols, q: crate::mem::zeroed_vec(rows * cols), scales: vec![0.0; rows], zero_points: vec![0; rows] };
+    let mut out = Int8Matrix {
+        rows,
+        cols,
+        q: crate::mem::zeroed_vec(rows * cols),
+        scales: vec![0.0; rows],
+        zero_points: vec![0; rows],
+    };
     quantize_into(w, rows, cols, symmetric, level, &mut out.q, &mut out.scales, &mut out.zero_points)?;
     Ok(out)
 }
@@ -112,8 +119,14 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, symmetric: bool, level: Ker
 /// `quantize` into caller-provided buffers (`q`: rows*cols, `scales`/`zero_points`: rows).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_into(
-    w: &[f32], rows: usize, cols: usize, symmetric: bool, level: KernelLevel,
-    q: &mut [i8], scales: &mut [f32], zero_points: &mut [i8],
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    symmetric: bool,
+    level: KernelLevel,
+    q: &mut [i8],
+    scales: &mut [f32],
+    zero_points: &mut [i8],
 ) -> Result<()> {
     check_len("weight", w.len(), rows * cols)?;
     check_len("q", q.len(), rows * cols)?;
@@ -161,50 +174,58 @@ pub fn quantize_into(
         None => Ok(()),
         Some(r) => {
             let row = &w[r * cols..(r + 1) * cols];
-            Err(first_non_finite(row, cols).map(|e| match e {
-                Error::NonFinite { col, value, .. } => Error::NonFinite { row: r, col, value },
-                other => other,
-            }).unwrap_or_else(|| range_error(r)))
+            Err(first_non_finite(row, cols)
+                .map(|e| match e {
+                    Error::NonFinite { col, value, .. } => Error::NonFinite { row: r, col, value },
+                    other => other,
+                })
+                .unwrap_or_else(|| range_error(r)))
         }
     }
 }
 
 /// (min, max, absmax, all finite) of a slice, with lane-wise accumulators so it vectorizes.
 pub(crate) fn row_stats(level: KernelLevel, w: &[f32]) -> (f32, f32, f32, bool) {
-    dispatch!(level, fn stats(w: &[f32]) -> (f32, f32, f32, bool) {
-        const L: usize = 16;
-        let mut lo = [f32::INFINITY; L];
-        let mut hi = [f32::NEG_INFINITY; L];
-        let mut bad = [0u32; L];
-        let chunks = w.chunks_exact(L);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for i in 0..L {
-                lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
-                hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
-                // exponent all ones <=> NaN or Inf
-                bad[i] |= ((c[i].to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+    dispatch!(
+        level,
+        fn stats(w: &[f32]) -> (f32, f32, f32, bool) {
+            const L: usize = 16;
+            let mut lo = [f32::INFINITY; L];
+            let mut hi = [f32::NEG_INFINITY; L];
+            let mut bad = [0u32; L];
+            let chunks = w.chunks_exact(L);
+            let tail = chunks.remainder();
+            for c in chunks {
+                for i in 0..L {
+                    lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+                    hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+                    // exponent all ones <=> NaN or Inf
+                    bad[i] |= ((c[i].to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+                }
             }
+            for (i, v) in tail.iter().enumerate() {
+                lo[i] = if *v < lo[i] { *v } else { lo[i] };
+                hi[i] = if *v > hi[i] { *v } else { hi[i] };
+                bad[i] |= ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+            }
+            let l = lo.iter().cloned().fold(f32::INFINITY, f32::min);
+            let h = hi.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            (l, h, l.abs().max(h.abs()), bad.iter().all(|b| *b == 0))
         }
-        for (i, v) in tail.iter().enumerate() {
-            lo[i] = if *v < lo[i] { *v } else { lo[i] };
-            hi[i] = if *v > hi[i] { *v } else { hi[i] };
-            bad[i] |= ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
-        }
-        let l = lo.iter().cloned().fold(f32::INFINITY, f32::min);
-        let h = hi.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        (l, h, l.abs().max(h.abs()), bad.iter().all(|b| *b == 0))
-    })
+    )
 }
 
 fn quantize_row(level: KernelLevel, w: &[f32], q: &mut [i8], scale: f32, zp: f32) {
-    dispatch!(level, fn qrow(w: &[f32], q: &mut [i8], scale: f32, zp: f32) -> () {
-        for (d, v) in q.iter_mut().zip(w) {
-            // clamp before rounding keeps the magic-number rounding in range; same result.
-            let t = round_even_small((v / scale).clamp(-256.0, 256.0)) + zp;
-            *d = t.clamp(-128.0, 127.0) as i8;
+    dispatch!(
+        level,
+        fn qrow(w: &[f32], q: &mut [i8], scale: f32, zp: f32) -> () {
+            for (d, v) in q.iter_mut().zip(w) {
+                // clamp before rounding keeps the magic-number rounding in range; same result.
+                let t = round_even_small((v / scale).clamp(-256.0, 256.0)) + zp;
+                *d = t.clamp(-128.0, 127.0) as i8;
+            }
         }
-    })
+    )
 }
 
 /// `out[r, c] = (q[r, c] - zp[r]) * scale[r]`.
@@ -278,9 +299,8 @@ mod tests {
     }
 
     fn matrix() -> impl Strategy<Value = (usize, usize, Vec<f32>)> {
-        (1usize..6, 1usize..70).prop_flat_map(|(r, c)| {
-            (Just(r), Just(c), proptest::collection::vec(-100f32..100f32, r * c))
-        })
+        (1usize..6, 1usize..70)
+            .prop_flat_map(|(r, c)| (Just(r), Just(c), proptest::collection::vec(-100f32..100f32, r * c)))
     }
 
     proptest! {

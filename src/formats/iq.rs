@@ -22,9 +22,17 @@ const KV: [f32; 16] = {
 const NTRY: i32 = 7;
 
 #[repr(C)]
-pub struct BlockIQ4NL { pub d: [u8; 2], pub qs: [u8; 16] }
+pub struct BlockIQ4NL {
+    pub d: [u8; 2],
+    pub qs: [u8; 16],
+}
 #[repr(C)]
-pub struct BlockIQ4XS { pub d: [u8; 2], pub scales_h: [u8; 2], pub scales_l: [u8; 4], pub qs: [u8; 128] }
+pub struct BlockIQ4XS {
+    pub d: [u8; 2],
+    pub scales_h: [u8; 2],
+    pub scales_l: [u8; 4],
+    pub qs: [u8; 128],
+}
 
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
@@ -58,7 +66,11 @@ fn unpack32(qs: &[u8], d: f32, out: &mut [f32]) {
 fn group_scale(x: &[f32], imp: Option<&[f32]>) -> f32 {
     let a = f16_round(search_codebook(x, imp, &KV, NTRY));
     let b = f16_round(signed_absmax(x) / KV[0]);
-    if error_codebook(x, imp, &KV, b) < error_codebook(x, imp, &KV, a) { b } else { a }
+    if error_codebook(x, imp, &KV, b) < error_codebook(x, imp, &KV, a) {
+        b
+    } else {
+        a
+    }
 }
 
 pub struct IQ4NL;

@@ -10,15 +10,41 @@ use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, Bloc
 use super::ggml_search::{error_affine, round_i, search_affine, search_sym};
 
 #[repr(C)]
-pub struct BlockQ2K { pub scales: [u8; 16], pub qs: [u8; 64], pub d: [u8; 2], pub dmin: [u8; 2] }
+pub struct BlockQ2K {
+    pub scales: [u8; 16],
+    pub qs: [u8; 64],
+    pub d: [u8; 2],
+    pub dmin: [u8; 2],
+}
 #[repr(C)]
-pub struct BlockQ3K { pub hmask: [u8; 32], pub qs: [u8; 64], pub scales: [u8; 12], pub d: [u8; 2] }
+pub struct BlockQ3K {
+    pub hmask: [u8; 32],
+    pub qs: [u8; 64],
+    pub scales: [u8; 12],
+    pub d: [u8; 2],
+}
 #[repr(C)]
-pub struct BlockQ4K { pub d: [u8; 2], pub dmin: [u8; 2], pub scales: [u8; 12], pub qs: [u8; 128] }
+pub struct BlockQ4K {
+    pub d: [u8; 2],
+    pub dmin: [u8; 2],
+    pub scales: [u8; 12],
+    pub qs: [u8; 128],
+}
 #[repr(C)]
-pub struct BlockQ5K { pub d: [u8; 2], pub dmin: [u8; 2], pub scales: [u8; 12], pub qh: [u8; 32], pub qs: [u8; 128] }
+pub struct BlockQ5K {
+    pub d: [u8; 2],
+    pub dmin: [u8; 2],
+    pub scales: [u8; 12],
+    pub qh: [u8; 32],
+    pub qs: [u8; 128],
+}
 #[repr(C)]
-pub struct BlockQ6K { pub ql: [u8; 128], pub qh: [u8; 64], pub scales: [u8; 16], pub d: [u8; 2] }
+pub struct BlockQ6K {
+    pub ql: [u8; 128],
+    pub qh: [u8; 64],
+    pub scales: [u8; 16],
+    pub d: [u8; 2],
+}
 
 const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
 const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
@@ -42,7 +68,11 @@ fn sub(w: Option<&[f32]>, lo: usize, n: usize) -> Option<&[f32]> {
 
 #[inline(always)]
 fn inv(d: f32) -> f32 {
-    if d == 0.0 { 0.0 } else { 1.0 / d }
+    if d == 0.0 {
+        0.0
+    } else {
+        1.0 / d
+    }
 }
 
 /// Per sub-block `(scale >= 0, min >= 0)` for `x ≈ scale * q - min`, `q` in `[0, nmax]`.
@@ -270,7 +300,13 @@ impl BlockFormat for Q2K {
         }
         let mut l = [0i32; QK_K];
         for j in 0..16 {
-            affine_levels(&x[16 * j..16 * (j + 1)], d * sc[j] as f32, dmin * mc[j] as f32, 3, &mut l[16 * j..16 * (j + 1)]);
+            affine_levels(
+                &x[16 * j..16 * (j + 1)],
+                d * sc[j] as f32,
+                dmin * mc[j] as f32,
+                3,
+                &mut l[16 * j..16 * (j + 1)],
+            );
         }
         let b: &mut BlockQ2K = block_mut(out);
         for j in 0..16 {

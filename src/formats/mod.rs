@@ -7,11 +7,11 @@ pub mod ggml_search;
 pub mod gguf_legacy;
 pub mod gguf_ternary;
 pub mod half_float;
-pub mod iq;
-pub mod k_quants;
 pub mod int4;
 pub mod int4_weighted;
 pub mod int8;
+pub mod iq;
+pub mod k_quants;
 
 use crate::error::{Error, Result};
 
@@ -24,7 +24,9 @@ pub enum Format {
     /// INT8, one scale (and optional zero point) per output channel (row).
     Int8PerChannel,
     /// INT4, one scale and zero point per `group` consecutive input columns; two nibbles a byte.
-    Int4Grouped { group: usize },
+    Int4Grouped {
+        group: usize,
+    },
     /// A GGML block format (`q4_0`, `q4_K`, `tq2_0`, `iq4_xs`, ...; see `ggml_block::GgmlType`).
     Ggml(ggml_block::GgmlType),
 }
@@ -34,9 +36,8 @@ pub const INT4_GROUP_SIZES: [usize; 4] = [32, 64, 128, 256];
 
 impl Format {
     /// Every spelling `parse` accepts, for error messages.
-    pub const NAMES: [&'static str; 8] = [
-        "f32", "f16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int4_g256",
-    ];
+    pub const NAMES: [&'static str; 8] =
+        ["f32", "f16", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128", "int4_g256"];
 
     pub fn name(&self) -> String {
         match self {
@@ -62,8 +63,11 @@ impl Format {
                 _ => match ggml_block::GgmlType::parse(other) {
                     Ok(t) if t.block_size() > 1 => Format::Ggml(t),
                     _ => {
-                        let ggml: Vec<String> = ggml_block::GgmlType::ALL.iter().filter(|t| t.block_size() > 1)
-                            .map(|t| Format::Ggml(*t).name()).collect();
+                        let ggml: Vec<String> = ggml_block::GgmlType::ALL
+                            .iter()
+                            .filter(|t| t.block_size() > 1)
+                            .map(|t| Format::Ggml(*t).name())
+                            .collect();
                         return Err(Error::Unsupported(format!(
                             "unknown format {name:?}; supported: {}, {}",
                             Format::NAMES.join(", "),

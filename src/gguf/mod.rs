@@ -45,8 +45,19 @@ impl ValueType {
     pub fn from_u32(v: u32) -> Option<ValueType> {
         use ValueType::*;
         Some(match v {
-            0 => U8, 1 => I8, 2 => U16, 3 => I16, 4 => U32, 5 => I32, 6 => F32, 7 => Bool,
-            8 => String, 9 => Array, 10 => U64, 11 => I64, 12 => F64,
+            0 => U8,
+            1 => I8,
+            2 => U16,
+            3 => I16,
+            4 => U32,
+            5 => I32,
+            6 => F32,
+            7 => Bool,
+            8 => String,
+            9 => Array,
+            10 => U64,
+            11 => I64,
+            12 => F64,
             _ => return None,
         })
     }
@@ -122,13 +133,40 @@ impl Value {
 /// in gguf-py), including types this build cannot quantize, so any file's layout can be checked.
 pub fn ggml_type_size(id: u32) -> Option<(u64, u64)> {
     Some(match id {
-        0 => (1, 4), 1 => (1, 2), 2 => (32, 18), 3 => (32, 20), 6 => (32, 22), 7 => (32, 24),
-        8 => (32, 34), 9 => (32, 40), 10 => (256, 84), 11 => (256, 110), 12 => (256, 144),
-        13 => (256, 176), 14 => (256, 210), 15 => (256, 292), 16 => (256, 66), 17 => (256, 74),
-        18 => (256, 98), 19 => (256, 50), 20 => (32, 18), 21 => (256, 110), 22 => (256, 82),
-        23 => (256, 136), 24 => (1, 1), 25 => (1, 2), 26 => (1, 4), 27 => (1, 8), 28 => (1, 8),
-        29 => (256, 56), 30 => (1, 2), 34 => (256, 54), 35 => (256, 66), 39 => (32, 17),
-        40 => (64, 36), 41 => (128, 18),
+        0 => (1, 4),
+        1 => (1, 2),
+        2 => (32, 18),
+        3 => (32, 20),
+        6 => (32, 22),
+        7 => (32, 24),
+        8 => (32, 34),
+        9 => (32, 40),
+        10 => (256, 84),
+        11 => (256, 110),
+        12 => (256, 144),
+        13 => (256, 176),
+        14 => (256, 210),
+        15 => (256, 292),
+        16 => (256, 66),
+        17 => (256, 74),
+        18 => (256, 98),
+        19 => (256, 50),
+        20 => (32, 18),
+        21 => (256, 110),
+        22 => (256, 82),
+        23 => (256, 136),
+        24 => (1, 1),
+        25 => (1, 2),
+        26 => (1, 4),
+        27 => (1, 8),
+        28 => (1, 8),
+        29 => (256, 56),
+        30 => (1, 2),
+        34 => (256, 54),
+        35 => (256, 66),
+        39 => (32, 17),
+        40 => (64, 36),
+        41 => (128, 18),
         _ => return None,
     })
 }
@@ -138,10 +176,13 @@ pub fn tensor_nbytes(id: u32, dims: &[u64]) -> Result<u64> {
     let (block, size) = ggml_type_size(id).ok_or_else(|| Error::Unsupported(format!("unknown ggml type id {id}")))?;
     let row = *dims.first().unwrap_or(&1);
     if !row.is_multiple_of(block) {
-        return Err(Error::Shape(format!("row length {row} is not a multiple of the block size {block} of ggml type {id}")));
+        return Err(Error::Shape(format!(
+            "row length {row} is not a multiple of the block size {block} of ggml type {id}"
+        )));
     }
     let rows = dims.iter().skip(1).try_fold(1u64, |a, d| a.checked_mul(*d));
-    rows.and_then(|r| r.checked_mul(row / block)).and_then(|b| b.checked_mul(size))
+    rows.and_then(|r| r.checked_mul(row / block))
+        .and_then(|b| b.checked_mul(size))
         .ok_or_else(|| Error::Shape(format!("tensor dims {dims:?} overflow 64 bits")))
 }
 

@@ -7,7 +7,10 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use super::{align_up, tensor_nbytes, GgufHeader, TensorInfo, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
+use super::{
+    align_up, tensor_nbytes, GgufHeader, TensorInfo, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC,
+    MAX_ARRAY_DEPTH, MAX_DIMS,
+};
 use crate::error::{Error, Result};
 
 /// Element-count bound of a tensor (its dims with zeros counted as 1): 2^60 8-byte items is the
@@ -32,7 +35,11 @@ impl<R: Read> Src<R> {
 
     fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
         if self.remaining() < N as u64 {
-            return Err(corrupt(format!("truncated file: {what} at byte {} needs {N} bytes, {} left", self.pos, self.remaining())));
+            return Err(corrupt(format!(
+                "truncated file: {what} at byte {} needs {N} bytes, {} left",
+                self.pos,
+                self.remaining()
+            )));
         }
         let mut b = [0u8; N];
         self.r.read_exact(&mut b).map_err(|e| corrupt(format!("read error at byte {}: {e}", self.pos)))?;
@@ -54,7 +61,8 @@ impl<R: Read> Src<R> {
         let n = self.u64(what)?;
         if n.checked_mul(min_size).is_none_or(|need| need > self.remaining()) {
             return Err(corrupt(format!(
-                "{what} {n} at byte {at} cannot fit in the {} bytes left in the file", self.remaining()
+                "{what} {n} at byte {at} cannot fit in the {} bytes left in the file",
+                self.remaining()
             )));
         }
         usize::try_from(n).map_err(|_| corrupt(format!("{what} {n} too large")))
@@ -118,7 +126,9 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
     }
     let version = s.u32("version")?;
     if version != 2 && version != 3 {
-        return Err(corrupt(format!("unsupported GGUF version {version} (this reader handles 2 and 3, little-endian)")));
+        return Err(corrupt(format!(
+            "unsupported GGUF version {version} (this reader handles 2 and 3, little-endian)"
+        )));
     }
     // minimum on-disk sizes: a tensor info is name len + n_dims + type + offset; a kv is key len + type + 1
     let n_tensors = s.count("tensor count", 24)?;
@@ -161,7 +171,9 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
             return Err(corrupt(format!("tensor {name:?}: dims {dims:?} multiply to 2^60 elements or more")));
         }
         if offset % alignment != 0 {
-            return Err(corrupt(format!("tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}")));
+            return Err(corrupt(format!(
+                "tensor {name:?}: offset {offset} is not a multiple of the alignment {alignment}"
+            )));
         }
         if !names.insert(name.clone()) {
             return Err(corrupt(format!("duplicate tensor name {name:?}")));
@@ -182,7 +194,8 @@ pub fn read_header<R: Read>(r: R, len: u64) -> Result<GgufHeader> {
         }
     }
     // overlapping tensors mean a corrupt table
-    let mut spans: Vec<(u64, u64, &str)> = tensors.iter().map(|t| (t.offset, t.offset + t.nbytes, t.name.as_str())).collect();
+    let mut spans: Vec<(u64, u64, &str)> =
+        tensors.iter().map(|t| (t.offset, t.offset + t.nbytes, t.name.as_str())).collect();
     spans.sort_unstable();
     for w in spans.windows(2) {
         if w[1].0 < w[0].1 {
@@ -217,7 +230,11 @@ pub fn tensor_data<'a>(header: &GgufHeader, t: &TensorInfo, file: &'a [u8]) -> R
         (Some(s), Some(e)) if e <= file.len() as u64 => Ok(&file[s as usize..e as usize]),
         _ => Err(corrupt(format!(
             "tensor {:?}: bytes {}+{}..+{} lie outside the {}-byte file",
-            t.name, header.data_offset, t.offset, t.nbytes, file.len()
+            t.name,
+            header.data_offset,
+            t.offset,
+            t.nbytes,
+            file.len()
         ))),
     }
 }
@@ -230,26 +247,37 @@ mod fuzz_regressions {
     #[test]
     fn zero_dim_with_overflowing_element_count_is_corrupt() {
         // found by fuzzing the Python loader: 0 bytes (so in bounds) but no array can have this shape
-        let bytes = write_bytes(&[], &[TensorData { name: "t".into(), dims: vec![1 << 62, 1 << 62, 0], ggml_type: 0, data: &[] }]).unwrap();
+        let bytes = write_bytes(
+            &[],
+            &[TensorData { name: "t".into(), dims: vec![1 << 62, 1 << 62, 0], ggml_type: 0, data: &[] }],
+        )
+        .unwrap();
         match read_bytes(&bytes) {
             Err(Error::Corrupt(m)) => assert!(m.contains("\"t\"") && m.contains("2^60"), "{m}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
         // found later by the same fuzzer: fewer than 2^63 elements but more than 2^63 bytes as f64
-        let bytes = write_bytes(&[], &[TensorData { name: "u".into(), dims: vec![1 << 61, 2, 0], ggml_type: 0, data: &[] }]).unwrap();
+        let bytes =
+            write_bytes(&[], &[TensorData { name: "u".into(), dims: vec![1 << 61, 2, 0], ggml_type: 0, data: &[] }])
+                .unwrap();
         match read_bytes(&bytes) {
             Err(Error::Corrupt(m)) => assert!(m.contains("\"u\""), "{m}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
         // a zero dim alongside dims that fit is still a valid empty tensor
-        let ok = write_bytes(&[], &[TensorData { name: "e".into(), dims: vec![1 << 20, 1 << 20, 0], ggml_type: 0, data: &[] }]).unwrap();
+        let ok = write_bytes(
+            &[],
+            &[TensorData { name: "e".into(), dims: vec![1 << 20, 1 << 20, 0], ggml_type: 0, data: &[] }],
+        )
+        .unwrap();
         assert_eq!(read_bytes(&ok).unwrap().tensors[0].nbytes, 0);
     }
 
     #[test]
     fn tensor_data_checks_the_image_it_is_given() {
         let d = [7u8; 8];
-        let bytes = write_bytes(&[], &[TensorData { name: "x".into(), dims: vec![2], ggml_type: 0, data: &d }]).unwrap();
+        let bytes =
+            write_bytes(&[], &[TensorData { name: "x".into(), dims: vec![2], ggml_type: 0, data: &d }]).unwrap();
         let h = read_bytes(&bytes).unwrap();
         assert_eq!(tensor_data(&h, &h.tensors[0], &bytes).unwrap(), &d);
         let short = &bytes[..h.data_offset as usize + 7]; // one byte short of the tensor's 8

@@ -17,8 +17,14 @@ fn sample_metadata() -> Vec<(String, Value)> {
         ("u64".into(), Value::U64(u64::MAX)),
         ("i64".into(), Value::I64(i64::MIN)),
         ("f64".into(), Value::F64(std::f64::consts::PI)),
-        ("tokens".into(), Value::Array(ValueType::String, vec![Value::String("<s>".into()), Value::String("héllo".into())])),
-        ("nested".into(), Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])])),
+        (
+            "tokens".into(),
+            Value::Array(ValueType::String, vec![Value::String("<s>".into()), Value::String("héllo".into())]),
+        ),
+        (
+            "nested".into(),
+            Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])]),
+        ),
         ("empty".into(), Value::Array(ValueType::F32, vec![])),
     ]
 }
@@ -66,7 +72,10 @@ fn custom_alignment() {
 fn writer_rejects_inconsistent_input() {
     let d = [0u8; 5];
     let md = sample_metadata();
-    assert!(matches!(write_bytes(&md, &[TensorData { name: "x".into(), dims: vec![1], ggml_type: 0, data: &d }]), Err(Error::Shape(_))));
+    assert!(matches!(
+        write_bytes(&md, &[TensorData { name: "x".into(), dims: vec![1], ggml_type: 0, data: &d }]),
+        Err(Error::Shape(_))
+    ));
     let bad = vec![("a".into(), Value::Array(ValueType::U8, vec![Value::I8(1)]))];
     assert!(write_bytes(&bad, &[]).is_err());
     let dup = vec![("a".into(), Value::U8(1)), ("a".into(), Value::U8(2))];

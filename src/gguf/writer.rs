@@ -7,7 +7,9 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{align_up, tensor_nbytes, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, MAX_DIMS};
+use super::{
+    align_up, tensor_nbytes, Value, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, MAX_DIMS,
+};
 use crate::error::{Error, Result};
 
 /// A tensor to write: its GGUF dims (`dims[0]` = row length), ggml type id and encoded bytes.
@@ -56,7 +58,8 @@ fn check_value(key: &str, v: &Value) -> Result<()> {
     if let Value::Array(t, items) = v {
         if let Some(bad) = items.iter().find(|i| i.value_type() != *t) {
             return Err(Error::InvalidArgument(format!(
-                "metadata {key:?}: array of {t:?} holds a {:?}", bad.value_type()
+                "metadata {key:?}: array of {t:?} holds a {:?}",
+                bad.value_type()
             )));
         }
         items.iter().try_for_each(|i| check_value(key, i))?;
@@ -85,7 +88,9 @@ fn validate(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64
     let alignment = match metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY) {
         None => DEFAULT_ALIGNMENT,
         Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => *a as u64,
-        Some((_, v)) => return Err(Error::InvalidArgument(format!("{ALIGNMENT_KEY} must be a power-of-two u32, got {v:?}"))),
+        Some((_, v)) => {
+            return Err(Error::InvalidArgument(format!("{ALIGNMENT_KEY} must be a power-of-two u32, got {v:?}")))
+        }
     };
     let mut names = std::collections::HashSet::new();
     let mut sizes = Vec::with_capacity(tensors.len());
@@ -95,10 +100,16 @@ fn validate(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64
             return Err(Error::InvalidArgument(format!("duplicate tensor name {:?}", t.name)));
         }
         if t.dims.is_empty() || t.dims.len() > MAX_DIMS {
-            return Err(Error::Shape(format!("tensor {:?}: {} dims, GGUF allows 1..={MAX_DIMS}", t.name, t.dims.len())));
+            return Err(Error::Shape(format!(
+                "tensor {:?}: {} dims, GGUF allows 1..={MAX_DIMS}",
+                t.name,
+                t.dims.len()
+            )));
         }
         let n = tensor_nbytes(t.ggml_type, &t.dims).map_err(|e| Error::Shape(format!("tensor {:?}: {e}", t.name)))?;
-        total = total.checked_add(n).and_then(|v| align_up(v, alignment))
+        total = total
+            .checked_add(n)
+            .and_then(|v| align_up(v, alignment))
             .ok_or_else(|| Error::Shape(format!("tensor {:?}: the data section overflows 64 bits", t.name)))?;
         sizes.push(n);
     }
@@ -107,7 +118,11 @@ fn validate(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<(u64
 
 /// Header, metadata, tensor infos and the padding up to the data section.
 fn write_header<W: Write>(
-    w: &mut W, metadata: &[(String, Value)], tensors: &[TensorSpec], sizes: &[u64], alignment: u64,
+    w: &mut W,
+    metadata: &[(String, Value)],
+    tensors: &[TensorSpec],
+    sizes: &[u64],
+    alignment: u64,
 ) -> std::io::Result<()> {
     w.write_all(&GGUF_MAGIC)?;
     w.write_all(&GGUF_VERSION.to_le_bytes())?;
@@ -214,7 +229,14 @@ impl StreamWriter<Vec<u8>> {
         let (alignment, sizes) = validate(metadata, tensors)?;
         let mut w = Vec::new();
         write_header(&mut w, metadata, tensors, &sizes, alignment).expect("writing to a Vec cannot fail");
-        Ok(StreamWriter { w: Some(w), target: None, names: tensors.iter().map(|t| t.name.clone()).collect(), sizes, alignment, next: 0 })
+        Ok(StreamWriter {
+            w: Some(w),
+            target: None,
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            sizes,
+            alignment,
+            next: 0,
+        })
     }
 
     pub fn into_bytes(mut self) -> Result<Vec<u8>> {
@@ -239,10 +261,15 @@ impl<W: Write> StreamWriter<W> {
     /// Write the bytes of the next tensor, which must be `name` with the announced size.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let Some(expected) = self.names.get(self.next) else {
-            return Err(Error::InvalidArgument(format!("tensor {name:?}: all {} announced tensors are already written", self.names.len())));
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: all {} announced tensors are already written",
+                self.names.len()
+            )));
         };
         if expected != name {
-            return Err(Error::InvalidArgument(format!("tensor {name:?} written out of order: the header announced {expected:?} next")));
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?} written out of order: the header announced {expected:?} next"
+            )));
         }
         let n = self.sizes[self.next];
         if data.len() as u64 != n {
@@ -261,7 +288,9 @@ impl<W: Write> StreamWriter<W> {
     fn check_complete(&self) -> Result<()> {
         match self.next_tensor() {
             Some(n) => Err(Error::InvalidArgument(format!(
-                "{} of {} tensors written; {n:?} and later ones are missing", self.next, self.names.len()
+                "{} of {} tensors written; {n:?} and later ones are missing",
+                self.next,
+                self.names.len()
             ))),
             None => Ok(()),
         }
@@ -270,16 +299,23 @@ impl<W: Write> StreamWriter<W> {
 
 /// Specs of in-memory tensors, with every data length checked before anything is written.
 fn specs(tensors: &[TensorData<'_>]) -> Result<Vec<TensorSpec>> {
-    tensors.iter().map(|t| {
-        if let Ok(n) = tensor_nbytes(t.ggml_type, &t.dims) {
-            if n != t.data.len() as u64 {
-                return Err(Error::Shape(format!(
-                    "tensor {:?}: dims {:?} of type {} need {n} bytes, got {}", t.name, t.dims, t.ggml_type, t.data.len()
-                )));
-            }
-        } // (invalid dims/types are reported by `validate`)
-        Ok(TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type })
-    }).collect()
+    tensors
+        .iter()
+        .map(|t| {
+            if let Ok(n) = tensor_nbytes(t.ggml_type, &t.dims) {
+                if n != t.data.len() as u64 {
+                    return Err(Error::Shape(format!(
+                        "tensor {:?}: dims {:?} of type {} need {n} bytes, got {}",
+                        t.name,
+                        t.dims,
+                        t.ggml_type,
+                        t.data.len()
+                    )));
+                }
+            } // (invalid dims/types are reported by `validate`)
+            Ok(TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ggml_type: t.ggml_type })
+        })
+        .collect()
 }
 
 /// Write a GGUF v3 file atomically (unnamed file + fsync + link into place).
@@ -462,7 +498,11 @@ fn linkat_follow(src: &Path, dst: &Path) -> std::io::Result<()> {
     let d = CString::new(dst.as_os_str().as_bytes())?;
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let r = unsafe { libc::linkat(libc::AT_FDCWD, s.as_ptr(), libc::AT_FDCWD, d.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -507,7 +547,11 @@ fn create_named_temp(dir: &Path, name: &str) -> std::io::Result<(File, PathBuf)>
 fn temp_owner(tail: &str) -> Option<u32> {
     let (pid, n) = tail.split_once('-').unwrap_or((tail, "0"));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if digits(pid) && digits(n) { pid.parse().ok() } else { None }
+    if digits(pid) && digits(n) {
+        pid.parse().ok()
+    } else {
+        None
+    }
 }
 
 /// Whether the process that named a temporary file is certainly gone.
@@ -521,7 +565,9 @@ fn owner_gone(pid: u32, _path: &Path) -> bool {
 /// Without a portable liveness check: only files untouched for ten minutes count as abandoned.
 #[cfg(not(target_os = "linux"))]
 fn owner_gone(_pid: u32, path: &Path) -> bool {
-    fs::metadata(path).and_then(|m| m.modified()).ok()
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age > std::time::Duration::from_secs(600))
 }
@@ -571,7 +617,8 @@ mod atomic_tests {
     }
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     }
@@ -652,10 +699,10 @@ mod atomic_tests {
         };
         let stale = [format!(".m.gguf.tmp-{dead}-0"), format!(".m.gguf.tmp-{dead}")];
         let keep = [
-            ".m.gguf.tmp-1-0".to_string(),          // pid 1 is alive
-            format!(".other.tmp-{dead}-0"),         // another target's
-            format!(".m.gguf.tmp-{dead}-x"),        // not our naming scheme
-            format!(".m.gguf.tmp-{dead}-1"),        // its (foreign) writer still holds the lock
+            ".m.gguf.tmp-1-0".to_string(),   // pid 1 is alive
+            format!(".other.tmp-{dead}-0"),  // another target's
+            format!(".m.gguf.tmp-{dead}-x"), // not our naming scheme
+            format!(".m.gguf.tmp-{dead}-1"), // its (foreign) writer still holds the lock
         ];
         for n in stale.iter().chain(&keep) {
             fs::write(dir.join(n), b"x").unwrap();
@@ -678,7 +725,8 @@ mod atomic_tests {
     fn proc_fd_targets_are_written_in_place() {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = scratch("procfd");
-        let outer = fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(&dir).unwrap();
+        let outer =
+            fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(&dir).unwrap();
         let via = proc_fd_path(&outer);
         write_all(&via, b"inner", true).commit().unwrap();
         assert_eq!(fs::read(&via).unwrap(), b"inner");

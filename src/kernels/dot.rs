@@ -82,7 +82,9 @@ mod tests {
             let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let bound: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum::<f64>() * n as f64 * f32::EPSILON as f64;
+            let bound: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum::<f64>()
+                * n as f64
+                * f32::EPSILON as f64;
             assert!((dot::<false>(&a, &b) as f64 - exact).abs() <= bound + 1e-30, "n={n}");
             assert!((dot::<true>(&a, &b) as f64 - exact).abs() <= bound + 1e-30, "n={n}");
             let d4 = dot4::<false>(&a, &b, &a, &b, &a);

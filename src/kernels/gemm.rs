@@ -9,12 +9,11 @@
 //! AVX-512: MT = 64 (4 zmm) x NR = 6 for batches over 32 rows, else MT = 32 (2 zmm) x NR = 8;
 //! 24 / 16 accumulators. AVX2: MT = 16, NR = 4 (8 accumulators).
 
-
 use rayon::prelude::*;
 
 use super::linear::{HalfWeights, Int4Weights, Int8Weights, OutPtr};
-use crate::formats::half_float::convert_to_f32;
 use super::KernelLevel;
+use crate::formats::half_float::convert_to_f32;
 
 /// Batch size from which the blocked GEMM beats the fused GEMV.
 pub const GEMM_MIN_M: usize = 16;
@@ -110,7 +109,13 @@ pub fn gemm<P: Panel>(level: KernelLevel, x: &[f32], m: usize, w: &P, bias: Opti
     // broadcast competes with the FMAs for a pipe that is the difference; below 33 rows it
     // would be mostly padding
     let wide = level.has_avx512() && m > 32;
-    let mt = if wide { 64 } else if level.has_avx512() { 32 } else { 16 };
+    let mt = if wide {
+        64
+    } else if level.has_avx512() {
+        32
+    } else {
+        16
+    };
     let xt = pack_x(x, m, k, mt);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(NB)).into_par_iter().for_each(|t| {
@@ -281,7 +286,12 @@ impl Micro for Avx512WideMicro {
             // no closures here: this body is inlined into a #[target_feature] caller, a closure
             // would not be (and its intrinsics would become calls)
             let p = xt.add(kk * 64);
-            let x = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))];
+            let x = [
+                _mm512_loadu_ps(p),
+                _mm512_loadu_ps(p.add(16)),
+                _mm512_loadu_ps(p.add(32)),
+                _mm512_loadu_ps(p.add(48)),
+            ];
             for (r, ar) in a.iter_mut().enumerate() {
                 let b = _mm512_set1_ps(*w.add(r * ldw + kk));
                 for v in 0..4 {

@@ -9,7 +9,6 @@
 //! The AVX-512 INT4 GEMV lives in `gemv_int4.rs` (table decode, four weight rows per pass at
 //! batch 1); this file keeps the AVX2 and portable INT4 loops.
 
-
 use super::linear::{for_each_row_block, Int4Weights, Int8Weights};
 use super::KernelLevel;
 
@@ -28,7 +27,11 @@ fn k_block(_m: usize) -> usize {
 /// Run `f(ni, c0, c1, mi, rows, d)` over the task's rows and column blocks, accumulating the
 /// partial sums `d[..rows]` per (row, activation row); then `finish(ni, mi, sum)` writes them.
 fn blocked(
-    m: usize, k: usize, n0: usize, n1: usize, mut f: impl FnMut(usize, usize, usize, usize, usize, &mut [f32; MR]),
+    m: usize,
+    k: usize,
+    n0: usize,
+    n1: usize,
+    mut f: impl FnMut(usize, usize, usize, usize, usize, &mut [f32; MR]),
     mut finish: impl FnMut(usize, usize, f32),
 ) {
     let kb = k_block(m);
@@ -84,7 +87,15 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
                     let mut d = [0f32; MR];
                     for r in 0..cnt {
                         let mut one = [0f32; MR];
-                        int8_rows(level, &w.q[(ni + r) * k..(ni + r + 1) * k], w.zero_points[ni + r] as i32, x, k, 1, &mut one);
+                        int8_rows(
+                            level,
+                            &w.q[(ni + r) * k..(ni + r + 1) * k],
+                            w.zero_points[ni + r] as i32,
+                            x,
+                            k,
+                            1,
+                            &mut one,
+                        );
                         d[r] = one[0];
                     }
                     d
@@ -101,7 +112,10 @@ pub fn int8_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int8Weights, bias:
     }
     for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         blocked(
-            m, k, n0, n1,
+            m,
+            k,
+            n0,
+            n1,
             |ni, c0, c1, mi, rows, d| {
                 let q = &w.q[ni * k + c0..ni * k + c1];
                 int8_rows(level, q, w.zero_points[ni] as i32, &x[mi * k + c0..], k, rows, d)
@@ -125,7 +139,10 @@ pub fn int4_gemv(level: KernelLevel, x: &[f32], m: usize, w: &Int4Weights, bias:
     let (rb, g) = (w.layout.row_bytes(), w.layout.groups());
     for_each_row_block(n, out, m * n * k, |n0, n1, ptr| {
         blocked(
-            m, k, n0, n1,
+            m,
+            k,
+            n0,
+            n1,
             |ni, c0, c1, mi, rows, d| {
                 let row = Int4Row {
                     packed: &w.packed[ni * rb..(ni + 1) * rb],
@@ -196,9 +213,17 @@ fn int8_rows(level: KernelLevel, q: &[i8], zp: i32, x: &[f32], stride: usize, ro
                     match rows {
                         1 => d[..1].copy_from_slice(&$f::<1, $zp>(q.as_ptr(), k, zp, [p])),
                         2 => d[..2].copy_from_slice(&$f::<2, $zp>(q.as_ptr(), k, zp, [p, p.add(stride)])),
-                        3 => d[..3].copy_from_slice(&$f::<3, $zp>(q.as_ptr(), k, zp, [p, p.add(stride), p.add(2 * stride)])),
+                        3 => d[..3].copy_from_slice(&$f::<3, $zp>(
+                            q.as_ptr(),
+                            k,
+                            zp,
+                            [p, p.add(stride), p.add(2 * stride)],
+                        )),
                         _ => d.copy_from_slice(&$f::<4, $zp>(
-                            q.as_ptr(), k, zp, [p, p.add(stride), p.add(2 * stride), p.add(3 * stride)],
+                            q.as_ptr(),
+                            k,
+                            zp,
+                            [p, p.add(stride), p.add(2 * stride), p.add(3 * stride)],
                         )),
                     }
                 }
@@ -287,7 +312,12 @@ use std::arch::x86_64::*;
 /// INT8 row against `R` activation rows, 16 lanes, 4 independent accumulator chains per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn int8_dot_avx512<const R: usize, const ZP: bool>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+unsafe fn int8_dot_avx512<const R: usize, const ZP: bool>(
+    q: *const i8,
+    k: usize,
+    zp: i32,
+    x: [*const f32; R],
+) -> [f32; R] {
     let z = _mm512_set1_epi32(zp);
     // symmetric weights (zero point 0, the default) skip the subtraction
     let dec = |i: usize| {
@@ -359,7 +389,12 @@ unsafe fn int8_dot4_avx512<const ZP: bool>(q: [*const i8; 4], zp: [i32; 4], k: u
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn int8_dot_avx2<const R: usize, const ZP: bool>(q: *const i8, k: usize, zp: i32, x: [*const f32; R]) -> [f32; R] {
+unsafe fn int8_dot_avx2<const R: usize, const ZP: bool>(
+    q: *const i8,
+    k: usize,
+    zp: i32,
+    x: [*const f32; R],
+) -> [f32; R] {
     let z = _mm256_set1_epi32(zp);
     let dec = |i: usize| {
         let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(i).cast()));

@@ -145,7 +145,9 @@ fn tail(w: &Int4Weights, ni: usize, x: &[f32]) -> f32 {
 /// the group cut short by the row's scalar tail, if any.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn tile<const NR: usize, const R: usize, const G: usize, const PREFETCH: bool>(
-    rows: [RowPtr; NR], x: [*const f32; R], k: usize,
+    rows: [RowPtr; NR],
+    x: [*const f32; R],
+    k: usize,
 ) -> [[f32; R]; NR] {
     let full = k / 32 * 32;
     let (rb, ng) = (k.div_ceil(2), k.div_ceil(G));

@@ -75,7 +75,11 @@ mod imp {
     /// gguf-py's reciprocal, as in `gguf_legacy::inv`.
     #[inline(always)]
     fn inv(d: f32) -> f32 {
-        if d == 0.0 { 0.0 } else { 1.0 / d }
+        if d == 0.0 {
+            0.0
+        } else {
+            1.0 / d
+        }
     }
 
     /// The scalar reference for one block (the rare cases described in the module docs), written
@@ -296,7 +300,11 @@ mod imp {
     /// two-source permutes, each halving the partials per block and the number of vectors (lane
     /// order ends up as block order).
     #[inline(always)]
-    unsafe fn transpose_reduce<T: Copy>(mut v: [T; 16], perm: impl Fn(T, __m512i, T) -> T, op: impl Fn(T, T) -> T) -> T {
+    unsafe fn transpose_reduce<T: Copy>(
+        mut v: [T; 16],
+        perm: impl Fn(T, __m512i, T) -> T,
+        op: impl Fn(T, T) -> T,
+    ) -> T {
         for (r, idx) in PERM.iter().enumerate() {
             let (il, ih) = (_mm512_loadu_si512(idx[0].as_ptr().cast()), _mm512_loadu_si512(idx[1].as_ptr().cast()));
             for i in 0..(8 >> r) {
@@ -333,7 +341,10 @@ mod imp {
             // integer max of |bits| per block: the magnitude and the NaN/Inf check in one
             let abs = _mm512_set1_epi32(ABS);
             let parts: [__m512i; 16] = std::array::from_fn(|k| {
-                _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v0[k]), abs), _mm512_and_si512(_mm512_castps_si512(v1[k]), abs))
+                _mm512_max_epu32(
+                    _mm512_and_si512(_mm512_castps_si512(v0[k]), abs),
+                    _mm512_and_si512(_mm512_castps_si512(v1[k]), abs),
+                )
             });
             let m = transpose_reduce(parts, permi, |a, b| _mm512_max_epu32(a, b));
             if _mm512_cmpge_epu32_mask(m, _mm512_set1_epi32(INF_BITS as i32)) != 0 {
@@ -347,8 +358,12 @@ mod imp {
             for k in 0..16 {
                 nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v0[k], v1[k]);
             }
-            lo = transpose_reduce(std::array::from_fn(|k| _mm512_min_ps(v0[k], v1[k])), permf, |a, b| _mm512_min_ps(a, b));
-            hi = transpose_reduce(std::array::from_fn(|k| _mm512_max_ps(v0[k], v1[k])), permf, |a, b| _mm512_max_ps(a, b));
+            lo = transpose_reduce(std::array::from_fn(|k| _mm512_min_ps(v0[k], v1[k])), permf, |a, b| {
+                _mm512_min_ps(a, b)
+            });
+            hi = transpose_reduce(std::array::from_fn(|k| _mm512_max_ps(v0[k], v1[k])), permf, |a, b| {
+                _mm512_max_ps(a, b)
+            });
             let inf = _mm512_set1_ps(f32::INFINITY);
             if nan != 0 || _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_max_ps(_mm512_sub_ps(zero, lo), hi), inf) != 0 {
                 return false;
@@ -451,7 +466,8 @@ mod imp {
             let xb = &x[b * 32..b * 32 + 32];
             let ob = out.as_mut_ptr().cast::<u8>().add(b * bytes);
             let p = xb.as_ptr();
-            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
             let a = v.map(|t| _mm256_and_si256(_mm256_castps_si256(t), abs));
             let amax_bits = hmax_epu32(_mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3])));
             if amax_bits >= INF_BITS {
@@ -515,15 +531,22 @@ mod imp {
                         let mut h = 0u32;
                         for (i, qi) in q.iter().enumerate() {
                             // bit 4 to the sign bit, then one bit per lane
-                            h |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(*qi))) as u32) << (8 * i);
+                            h |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(*qi))) as u32)
+                                << (8 * i);
                         }
                         h
                     } else {
                         0
                     };
                     let nib = _mm256_set1_epi32(15);
-                    let lo8 = _mm256_or_si256(_mm256_and_si256(q[0], nib), _mm256_slli_epi32::<4>(_mm256_and_si256(q[2], nib)));
-                    let hi8 = _mm256_or_si256(_mm256_and_si256(q[1], nib), _mm256_slli_epi32::<4>(_mm256_and_si256(q[3], nib)));
+                    let lo8 = _mm256_or_si256(
+                        _mm256_and_si256(q[0], nib),
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(q[2], nib)),
+                    );
+                    let hi8 = _mm256_or_si256(
+                        _mm256_and_si256(q[1], nib),
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(q[3], nib)),
+                    );
                     // bytes 0..8 from lo8, 8..16 from hi8 (values <= 255, so the packs are exact)
                     let w = _mm256_packus_epi16(_mm256_packs_epi32(lo8, hi8), _mm256_setzero_si256());
                     let w = _mm256_permutevar8x32_epi32(w, fix);
@@ -562,16 +585,36 @@ mod tests {
                 let u = (rnd() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
                 *v = match kind {
                     0 => 0.0,
-                    1 => if j % 3 == 0 { -0.0 } else { 0.0 },
+                    1 => {
+                        if j % 3 == 0 {
+                            -0.0
+                        } else {
+                            0.0
+                        }
+                    }
                     2 => 0.75,
                     3 => (((rnd() % 33) as f32) - 16.0) * 0.5, // halves: ties for Q8_0 / Q4_0
-                    4 => u as f32 * 1e-38,                       // subnormal scale (scalar fallback)
+                    4 => u as f32 * 1e-38,                     // subnormal scale (scalar fallback)
                     5 => u as f32 * 3e-37,
                     6 => u as f32 * 1e30,
-                    7 => if j == 5 || j == 20 { -2.0 } else if j == 9 { 2.0 } else { u as f32 },
+                    7 => {
+                        if j == 5 || j == 20 {
+                            -2.0
+                        } else if j == 9 {
+                            2.0
+                        } else {
+                            u as f32
+                        }
+                    }
                     8 => u.abs() as f32 + 0.25,
                     9 => -(u.abs() as f32) - 0.25,
-                    10 => if j % 2 == 0 { 0.0 } else { u.abs() as f32 },
+                    10 => {
+                        if j % 2 == 0 {
+                            0.0
+                        } else {
+                            u.abs() as f32
+                        }
+                    }
                     11 => ((rnd() % 255) as f32 - 127.0) / 127.0 * 3.0,
                     12 => (u * 1000.0).round() as f32 / 64.0,
                     _ => u as f32 * 7.0,
@@ -594,7 +637,9 @@ mod tests {
                         let blk = i / t.type_size();
                         panic!(
                             "{} at {}: block {blk} differs (byte {}): {:?} vs {:?}; input {:?}",
-                            t.name(), level.name(), i % t.type_size(),
+                            t.name(),
+                            level.name(),
+                            i % t.type_size(),
                             &fast[blk * t.type_size()..(blk + 1) * t.type_size()],
                             &reference[blk * t.type_size()..(blk + 1) * t.type_size()],
                             &x[blk * 32..blk * 32 + 32]
@@ -668,7 +713,12 @@ mod tests {
                 for t in TYPES {
                     for level in KernelLevel::available() {
                         let e = quantize(t, &x, rows, cols, None, QuantMode::Rtn, level).unwrap_err().to_string();
-                        assert!(e.contains("row 1") && e.contains(&col.to_string()), "{} {} {bad} at {col}: {e}", t.name(), level.name());
+                        assert!(
+                            e.contains("row 1") && e.contains(&col.to_string()),
+                            "{} {} {bad} at {col}: {e}",
+                            t.name(),
+                            level.name()
+                        );
                     }
                 }
             }

@@ -159,7 +159,12 @@ unsafe impl Sync for OutPtr {}
 
 /// `out[m, n] = sum_k x[m, k] * W[n, k] + bias[n]`, row-major `x: [m, k]`, `out: [m, n]`.
 pub fn linear<D: RowDecoder>(
-    x: &[f32], m: usize, w: &D, bias: Option<&[f32]>, out: &mut [f32], level: KernelLevel,
+    x: &[f32],
+    m: usize,
+    w: &D,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    level: KernelLevel,
 ) -> Result<()> {
     linear_act(Act::F32(x), m, w, bias, out, level)
 }
@@ -168,7 +173,12 @@ pub fn linear<D: RowDecoder>(
 /// GEMV (batch < `GEMM_MIN_M`) or the blocked GEMM; everything else (and the `Scalar` level)
 /// decodes `ROWS` rows at a time into f32 scratch and runs `dot4`.
 pub fn linear_act<D: RowDecoder>(
-    x: Act<'_>, m: usize, w: &D, bias: Option<&[f32]>, out: &mut [f32], level: KernelLevel,
+    x: Act<'_>,
+    m: usize,
+    w: &D,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    level: KernelLevel,
 ) -> Result<()> {
     let (n, k) = w.shape();
     x.check(m, k)?;
@@ -349,9 +359,31 @@ mod tests {
         // m < GEMM_MIN_M takes the fused GEMV, m >= GEMM_MIN_M the blocked GEMM; n = 70 crosses
         // the GEMM's 64-row task blocks and leaves register-tile tails; k = 4095 crosses KC.
         for &(m, n, k) in &[
-            (1, 1, 1), (1, 7, 33), (3, 5, 64), (8, 9, 100), (2, 13, 4095), (17, 4, 7), (1, 70, 31),
-            (5, 3, 129), (16, 70, 300), (33, 9, 1000), (40, 70, 4095), (15, 2, 257), (300, 5, 40), (20, 3, 0), (1, 9, 4133), (3, 6, 8200), (1, 4, 9000), (2, 3, 70001),
-            (1, 13, 100), (1, 6, 544), (1, 11, 14336 + 96), (8, 7, 608), (15, 5, 96), (1, 3, 32), (1, 5, 257),
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 5, 64),
+            (8, 9, 100),
+            (2, 13, 4095),
+            (17, 4, 7),
+            (1, 70, 31),
+            (5, 3, 129),
+            (16, 70, 300),
+            (33, 9, 1000),
+            (40, 70, 4095),
+            (15, 2, 257),
+            (300, 5, 40),
+            (20, 3, 0),
+            (1, 9, 4133),
+            (3, 6, 8200),
+            (1, 4, 9000),
+            (2, 3, 70001),
+            (1, 13, 100),
+            (1, 6, 544),
+            (1, 11, 14336 + 96),
+            (8, 7, 608),
+            (15, 5, 96),
+            (1, 3, 32),
+            (1, 5, 257),
         ] {
             let x = data(m * k, 1);
             let wf = data(n * k, 2);

@@ -19,7 +19,11 @@ mod imp {
 
     #[inline(always)]
     fn tail_mask(n: usize) -> u16 {
-        if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
     }
 
     /// (min, max, absmax, all finite) of `w`.
@@ -103,7 +107,12 @@ mod imp {
     /// Quantize and pack one INT4 row. `Err(group)` names the first bad group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub(crate) unsafe fn int4_row_avx512(
-        w: &[f32], group: usize, symmetric: bool, packed: &mut [u8], scales: &mut [f32], zeros: &mut [u8],
+        w: &[f32],
+        group: usize,
+        symmetric: bool,
+        packed: &mut [u8],
+        scales: &mut [f32],
+        zeros: &mut [u8],
     ) -> Result<(), usize> {
         let cols = w.len();
         let (qlo, qhi) = (_mm512_set1_ps(0.0), _mm512_set1_ps(15.0));

@@ -8,7 +8,6 @@
 //! `k` the caller allows, and wrapping arithmetic is exact modulo 2^32.
 //! Without VNNI the tiles widen bytes to i16 and use `vpmaddwd` (exact i32 pair sums).
 
-
 use super::KernelLevel;
 
 /// Largest tile: activation rows x weight rows.
@@ -19,7 +18,14 @@ pub const TILE_N: usize = 4;
 /// with `dot = sum_k xq[mi, k] * wq[ni, k]` (wrapping i32). `xsum[mi] = sum_k xq[mi, k]`.
 #[allow(clippy::too_many_arguments)]
 pub fn dot_block(
-    level: KernelLevel, xq: &[i8], xsum: &[i32], m: usize, k: usize, wq: &[i8], n0: usize, n1: usize,
+    level: KernelLevel,
+    xq: &[i8],
+    xsum: &[i32],
+    m: usize,
+    k: usize,
+    wq: &[i8],
+    n0: usize,
+    n1: usize,
     mut f: impl FnMut(usize, usize, i32),
 ) {
     let max_m = if level.has_avx512() { TILE_M } else { 2 };
@@ -30,7 +36,16 @@ pub fn dot_block(
         while i < m {
             let rows = max_m.min(m - i);
             let mut d = [[0i32; TILE_N]; TILE_M];
-            tile(level, &xq[i * k..(i + rows) * k], &xsum[i..i + rows], &wq[j * k..(j + cols) * k], k, rows, cols, &mut d);
+            tile(
+                level,
+                &xq[i * k..(i + rows) * k],
+                &xsum[i..i + rows],
+                &wq[j * k..(j + cols) * k],
+                k,
+                rows,
+                cols,
+                &mut d,
+            );
             for (r, dr) in d.iter().enumerate().take(rows) {
                 for (c, v) in dr.iter().enumerate().take(cols) {
                     f(i + r, j + c, *v);
@@ -54,7 +69,13 @@ fn tile_scalar(x: &[i8], w: &[i8], k: usize, rows: usize, cols: usize, d: &mut [
 
 #[allow(clippy::too_many_arguments)]
 fn tile(
-    level: KernelLevel, x: &[i8], xsum: &[i32], w: &[i8], k: usize, rows: usize, cols: usize,
+    level: KernelLevel,
+    x: &[i8],
+    xsum: &[i32],
+    w: &[i8],
+    k: usize,
+    rows: usize,
+    cols: usize,
     d: &mut [[i32; TILE_N]; TILE_M],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -102,7 +123,12 @@ fn tile(
 /// Scalar remainder `sum_{kk >= from} x * (w + shift)` per (r, c), wrapping.
 #[inline(always)]
 unsafe fn tail<const R: usize, const C: usize>(
-    x: [*const i8; R], w: [*const i8; C], from: usize, k: usize, shift: i32, acc: &mut [[i32; C]; R],
+    x: [*const i8; R],
+    w: [*const i8; C],
+    from: usize,
+    k: usize,
+    shift: i32,
+    acc: &mut [[i32; C]; R],
 ) {
     for kk in from..k {
         for r in 0..R {
@@ -120,7 +146,10 @@ use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn tile_avx512_vnni<const R: usize, const C: usize>(
-    x: [*const i8; R], w: [*const i8; C], k: usize, xsum: [i32; R],
+    x: [*const i8; R],
+    w: [*const i8; C],
+    k: usize,
+    xsum: [i32; R],
 ) -> [[i32; C]; R] {
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [[_mm512_setzero_si512(); C]; R];
@@ -153,7 +182,10 @@ unsafe fn tile_avx512_vnni<const R: usize, const C: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn tile_avx512<const R: usize, const C: usize>(
-    x: [*const i8; R], w: [*const i8; C], k: usize, _xsum: [i32; R],
+    x: [*const i8; R],
+    w: [*const i8; C],
+    k: usize,
+    _xsum: [i32; R],
 ) -> [[i32; C]; R] {
     let mut acc = [[_mm512_setzero_si512(); C]; R];
     let mut i = 0;
@@ -189,7 +221,10 @@ unsafe fn hsum_epi32(v: __m256i) -> i32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avxvnni")]
 unsafe fn tile_avx_vnni<const R: usize, const C: usize>(
-    x: [*const i8; R], w: [*const i8; C], k: usize, xsum: [i32; R],
+    x: [*const i8; R],
+    w: [*const i8; C],
+    k: usize,
+    xsum: [i32; R],
 ) -> [[i32; C]; R] {
     let flip = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_si256(); C]; R];
@@ -222,7 +257,10 @@ unsafe fn tile_avx_vnni<const R: usize, const C: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize, const C: usize>(
-    x: [*const i8; R], w: [*const i8; C], k: usize, _xsum: [i32; R],
+    x: [*const i8; R],
+    w: [*const i8; C],
+    k: usize,
+    _xsum: [i32; R],
 ) -> [[i32; C]; R] {
     let mut acc = [[_mm256_setzero_si256(); C]; R];
     let mut i = 0;
@@ -256,8 +294,19 @@ mod tests {
         for k in [1usize, 7, 15, 16, 31, 33, 64, 65, 127, 200, 4095] {
             let m = 5;
             let n = 9;
-            let x: Vec<i8> = (0..m * k).map(|i| if i % 11 == 0 { -128 } else { ((i * 37 + 3) % 255) as i32 as i8 }).collect();
-            let w: Vec<i8> = (0..n * k).map(|i| if i % 13 == 0 { -128 } else if i % 7 == 0 { 127 } else { ((i * 53) % 256) as u8 as i8 }).collect();
+            let x: Vec<i8> =
+                (0..m * k).map(|i| if i % 11 == 0 { -128 } else { ((i * 37 + 3) % 255) as i32 as i8 }).collect();
+            let w: Vec<i8> = (0..n * k)
+                .map(|i| {
+                    if i % 13 == 0 {
+                        -128
+                    } else if i % 7 == 0 {
+                        127
+                    } else {
+                        ((i * 53) % 256) as u8 as i8
+                    }
+                })
+                .collect();
             let xsum: Vec<i32> = (0..m).map(|r| x[r * k..(r + 1) * k].iter().map(|v| *v as i32).sum()).collect();
             for level in KernelLevel::available() {
                 let mut seen = 0;

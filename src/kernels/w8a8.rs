@@ -25,14 +25,26 @@ pub const ACT_QMAX: f32 = 127.0;
 /// Quantize activations row by row. With `static_scale` every row uses it (values beyond the
 /// calibrated range clamp); without, each row gets `absmax / 127` (a zero row gets 1).
 pub fn quantize_activations(
-    x: &[f32], m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    static_scale: Option<f32>,
+    q: &mut [i8],
+    scales: &mut [f32],
+    level: KernelLevel,
 ) -> Result<()> {
     quantize_activations_act(Act::F32(x), m, k, static_scale, q, scales, level)
 }
 
 /// `quantize_activations` for f32 or bf16 input (bf16 rows are widened exactly first).
 pub fn quantize_activations_act(
-    x: Act<'_>, m: usize, k: usize, static_scale: Option<f32>, q: &mut [i8], scales: &mut [f32], level: KernelLevel,
+    x: Act<'_>,
+    m: usize,
+    k: usize,
+    static_scale: Option<f32>,
+    q: &mut [i8],
+    scales: &mut [f32],
+    level: KernelLevel,
 ) -> Result<()> {
     x.check(m, k)?;
     check_len("q", q.len(), m * k)?;
@@ -58,7 +70,11 @@ pub fn quantize_activations_act(
         };
         let sc = static_scale.unwrap_or_else(|| {
             let a = absmax(level, xr) / ACT_QMAX;
-            if a > 0.0 && a.is_finite() { a } else { 1.0 }
+            if a > 0.0 && a.is_finite() {
+                a
+            } else {
+                1.0
+            }
         });
         *s = sc;
         quantize_row(level, xr, qr, sc);
@@ -73,32 +89,45 @@ pub fn quantize_activations_act(
 }
 
 fn absmax(level: KernelLevel, x: &[f32]) -> f32 {
-    dispatch!(level, fn am(x: &[f32]) -> f32 {
-        let mut acc = [0f32; 16];
-        let chunks = x.chunks_exact(16);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for i in 0..16 {
-                let a = c[i].abs();
-                acc[i] = if a > acc[i] { a } else { acc[i] };
+    dispatch!(
+        level,
+        fn am(x: &[f32]) -> f32 {
+            let mut acc = [0f32; 16];
+            let chunks = x.chunks_exact(16);
+            let tail = chunks.remainder();
+            for c in chunks {
+                for i in 0..16 {
+                    let a = c[i].abs();
+                    acc[i] = if a > acc[i] { a } else { acc[i] };
+                }
             }
+            tail.iter().chain(acc.iter()).fold(0f32, |m, v| m.max(v.abs()))
         }
-        tail.iter().chain(acc.iter()).fold(0f32, |m, v| m.max(v.abs()))
-    })
+    )
 }
 
 fn quantize_row(level: KernelLevel, x: &[f32], q: &mut [i8], scale: f32) {
-    dispatch!(level, fn qr(x: &[f32], q: &mut [i8], scale: f32) -> () {
-        for (d, v) in q.iter_mut().zip(x) {
-            *d = round_even_small((v / scale).clamp(-ACT_QMAX, ACT_QMAX)) as i8;
+    dispatch!(
+        level,
+        fn qr(x: &[f32], q: &mut [i8], scale: f32) -> () {
+            for (d, v) in q.iter_mut().zip(x) {
+                *d = round_even_small((v / scale).clamp(-ACT_QMAX, ACT_QMAX)) as i8;
+            }
         }
-    })
+    )
 }
 
 /// Scalar reference: `y = x_deq @ W_deq^T + b` with exact integer sums.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_w8a8_ref(
-    xq: &[i8], x_scales: &[f32], wq: &[i8], w_scales: &[f32], w_zero: &[i8], k: usize, bias: Option<&[f32]>, out: &mut [f32],
+    xq: &[i8],
+    x_scales: &[f32],
+    wq: &[i8],
+    w_scales: &[f32],
+    w_zero: &[i8],
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
 ) {
     let (m, n) = (x_scales.len(), w_scales.len());
     for mi in 0..m {
@@ -116,7 +145,14 @@ pub fn linear_w8a8_ref(
 /// (`vnni::dot_block`: VNNI `vpdpbusd` where the level has it, `vpmaddwd` otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_w8a8(
-    xq: &[i8], x_scales: &[f32], wq: &[i8], w_scales: &[f32], w_zero: &[i8], k: usize, bias: Option<&[f32]>, out: &mut [f32],
+    xq: &[i8],
+    x_scales: &[f32],
+    wq: &[i8],
+    w_scales: &[f32],
+    w_zero: &[i8],
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
     level: KernelLevel,
 ) -> Result<()> {
     let (m, n) = (x_scales.len(), w_scales.len());
@@ -128,9 +164,7 @@ pub fn linear_w8a8(
         check_len("bias", b.len(), n)?;
     }
     if k > MAX_K {
-        return Err(Error::Shape(format!(
-            "in_features {k} is too large for int32 accumulation (max {MAX_K})"
-        )));
+        return Err(Error::Shape(format!("in_features {k} is too large for int32 accumulation (max {MAX_K})")));
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -172,7 +206,8 @@ mod tests {
                         quantize_activations(&x, m, k, st, &mut xq2, &mut xs2, level).unwrap();
                         assert_eq!((&xq2, &xs2), (&xq, &xs), "{level:?}");
                         let mut got = vec![0f32; m * n];
-                        linear_w8a8(&xq, &xs, &qw.q, &qw.scales, &qw.zero_points, k, Some(&bias), &mut got, level).unwrap();
+                        linear_w8a8(&xq, &xs, &qw.q, &qw.scales, &qw.zero_points, k, Some(&bias), &mut got, level)
+                            .unwrap();
                         // integer sums are exact: results agree bit for bit
                         assert_eq!(got, want, "{level:?} m={m} n={n} k={k}");
                     }
@@ -183,7 +218,8 @@ mod tests {
 
     #[test]
     fn bf16_activations_match_their_f32_values() {
-        let bits: Vec<u16> = (0..3 * 70).map(|i| (0x3c00 + (i * 97) % 0x0800) as u16 ^ if i % 3 == 0 { 0x8000 } else { 0 }).collect();
+        let bits: Vec<u16> =
+            (0..3 * 70).map(|i| (0x3c00 + (i * 97) % 0x0800) as u16 ^ if i % 3 == 0 { 0x8000 } else { 0 }).collect();
         let wide: Vec<f32> = bits.iter().map(|b| f32::from_bits((*b as u32) << 16)).collect();
         for level in KernelLevel::available() {
             let (mut q1, mut s1, mut q2, mut s2) = (vec![0i8; 210], vec![0f32; 3], vec![0i8; 210], vec![0f32; 3]);

@@ -14,8 +14,13 @@ use crate::formats::{int4, int4_weighted};
 #[pyfunction]
 #[pyo3(signature = (x, sum_sq, absmax, min, max, reference=false))]
 fn calib_accumulate(
-    py: Python<'_>, x: PyReadonlyArray2<'_, f32>, mut sum_sq: PyReadwriteArray1<'_, f64>, mut absmax: PyReadwriteArray1<'_, f32>,
-    mut min: PyReadwriteArray1<'_, f32>, mut max: PyReadwriteArray1<'_, f32>, reference: bool,
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, f32>,
+    mut sum_sq: PyReadwriteArray1<'_, f64>,
+    mut absmax: PyReadwriteArray1<'_, f32>,
+    mut min: PyReadwriteArray1<'_, f32>,
+    mut max: PyReadwriteArray1<'_, f32>,
+    reference: bool,
 ) -> PyResult<()> {
     let (rows, cols) = (x.shape()[0], x.shape()[1]);
     let xs = x.as_slice()?;
@@ -54,7 +59,13 @@ fn calib_histogram(py: Python<'_>, x: PyReadonlyArray2<'_, f32>, mut hist: PyRea
 #[pyfunction]
 #[pyo3(signature = (hist, absmax, method, percentile=99.99, qmax=127.0, steps=256))]
 fn calib_histogram_clip(
-    py: Python<'_>, hist: PyReadonlyArray1<'_, u64>, absmax: f32, method: &str, percentile: f64, qmax: f32, steps: usize,
+    py: Python<'_>,
+    hist: PyReadonlyArray1<'_, u64>,
+    absmax: f32,
+    method: &str,
+    percentile: f64,
+    qmax: f32,
+    steps: usize,
 ) -> PyResult<f32> {
     let h = hist.as_slice()?;
     match method {
@@ -68,7 +79,11 @@ fn calib_histogram_clip(
 
 /// Fold the column absmax of a `[rows, cols]` float32 weight into `out` (in place).
 #[pyfunction]
-fn weight_column_absmax(py: Python<'_>, w: PyReadonlyArray2<'_, f32>, mut out: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+fn weight_column_absmax(
+    py: Python<'_>,
+    w: PyReadonlyArray2<'_, f32>,
+    mut out: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
     let ws = w.as_slice()?;
     let o = out.as_slice_mut()?;
@@ -78,7 +93,10 @@ fn weight_column_absmax(py: Python<'_>, w: PyReadonlyArray2<'_, f32>, mut out: P
 /// SmoothQuant migration scales `max|X_j|^alpha / max|W_j|^(1-alpha)` (floored at 1e-5).
 #[pyfunction]
 fn smoothquant_scales<'py>(
-    py: Python<'py>, act_absmax: PyReadonlyArray1<'py, f32>, weight_absmax: PyReadonlyArray1<'py, f32>, alpha: f32,
+    py: Python<'py>,
+    act_absmax: PyReadonlyArray1<'py, f32>,
+    weight_absmax: PyReadonlyArray1<'py, f32>,
+    alpha: f32,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let (a, w) = (act_absmax.as_slice()?, weight_absmax.as_slice()?);
     let s = detached(py, || smooth::smooth_scales(a, w, alpha))?;
@@ -90,8 +108,12 @@ fn smoothquant_scales<'py>(
 #[pyfunction]
 #[pyo3(signature = (w, group_size, importance, symmetric=false, reference=false))]
 fn quantize_int4_weighted<'py>(
-    py: Python<'py>, w: PyReadonlyArray2<'py, f32>, group_size: usize, importance: PyReadonlyArray1<'py, f32>,
-    symmetric: bool, reference: bool,
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    group_size: usize,
+    importance: PyReadonlyArray1<'py, f32>,
+    symmetric: bool,
+    reference: bool,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
     let layout = int4::Int4Layout::new(rows, cols, group_size).map_err(to_py)?;

@@ -45,7 +45,11 @@ pub fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + 
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(exception(py, "QuantizationError", format!("internal error in the native core: {what}; please report it")))
+            Err(exception(
+                py,
+                "QuantizationError",
+                format!("internal error in the native core: {what}; please report it"),
+            ))
         }
     }
 }

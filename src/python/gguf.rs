@@ -9,9 +9,9 @@ use pyo3::types::{PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
 use super::errors::{detached, to_py};
+use crate::error::Error;
 use crate::formats::ggml_any;
 use crate::formats::ggml_block::{GgmlType, QuantMode};
-use crate::error::Error;
 use crate::gguf::writer::TensorData;
 use crate::gguf::{reader, writer, Value, ValueType};
 use crate::kernels::KernelLevel;
@@ -32,8 +32,13 @@ fn ggml_types() -> Vec<(&'static str, u32, usize, usize, bool)> {
 #[pyfunction]
 #[pyo3(signature = (w, qtype, imatrix=None, mode="search", kernel="auto", reference=false))]
 fn ggml_quantize<'py>(
-    py: Python<'py>, w: PyReadonlyArray2<'py, f32>, qtype: &str, imatrix: Option<PyReadonlyArray1<'py, f32>>,
-    mode: &str, kernel: &str, reference: bool,
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    qtype: &str,
+    imatrix: Option<PyReadonlyArray1<'py, f32>>,
+    mode: &str,
+    kernel: &str,
+    reference: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let t = ggml_type(qtype)?;
     let mode = QuantMode::parse(mode).map_err(to_py)?;
@@ -57,7 +62,12 @@ fn ggml_quantize<'py>(
 #[pyfunction]
 #[pyo3(signature = (data, qtype, n, kernel="auto", reference=false))]
 fn ggml_dequantize<'py>(
-    py: Python<'py>, data: PyReadonlyArray1<'py, u8>, qtype: &str, n: usize, kernel: &str, reference: bool,
+    py: Python<'py>,
+    data: PyReadonlyArray1<'py, u8>,
+    qtype: &str,
+    n: usize,
+    kernel: &str,
+    reference: bool,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let t = ggml_type(qtype)?;
     let lv = KernelLevel::resolve(kernel).map_err(to_py)?;
@@ -117,8 +127,13 @@ fn bad_value(key: &str, what: &str) -> PyErr {
 }
 
 fn py_to_value(key: &str, obj: &Bound<'_, PyAny>, types: &[u32]) -> PyResult<Value> {
-    let t = types.first().and_then(|t| ValueType::from_u32(*t)).ok_or_else(|| bad_value(key, &format!("unknown value type path {types:?}")))?;
-    let conv = |e: PyErr| bad_value(key, &format!("cannot store {} as {t:?}: {e}", obj.repr().map(|r| r.to_string()).unwrap_or_default()));
+    let t = types
+        .first()
+        .and_then(|t| ValueType::from_u32(*t))
+        .ok_or_else(|| bad_value(key, &format!("unknown value type path {types:?}")))?;
+    let conv = |e: PyErr| {
+        bad_value(key, &format!("cannot store {} as {t:?}: {e}", obj.repr().map(|r| r.to_string()).unwrap_or_default()))
+    };
     Ok(match t {
         ValueType::U8 => Value::U8(obj.extract().map_err(conv)?),
         ValueType::I8 => Value::I8(obj.extract().map_err(conv)?),
@@ -133,7 +148,10 @@ fn py_to_value(key: &str, obj: &Bound<'_, PyAny>, types: &[u32]) -> PyResult<Val
         ValueType::I64 => Value::I64(obj.extract().map_err(conv)?),
         ValueType::F64 => Value::F64(obj.extract().map_err(conv)?),
         ValueType::Array => {
-            let et = types.get(1).and_then(|t| ValueType::from_u32(*t)).ok_or_else(|| bad_value(key, "array without an element type"))?;
+            let et = types
+                .get(1)
+                .and_then(|t| ValueType::from_u32(*t))
+                .ok_or_else(|| bad_value(key, "array without an element type"))?;
             let mut items = Vec::new();
             for item in obj.try_iter().map_err(conv)? {
                 items.push(py_to_value(key, &item?, &types[1..])?);
@@ -171,7 +189,12 @@ type PyTensor<'py> = (String, Vec<u64>, u32, PyReadonlyArray1<'py, u8>);
 /// Write a GGUF v3 file atomically. `metadata`: [(key, type_path, value)];
 /// `tensors`: [(name, gguf_dims, ggml_type_id, uint8 data)].
 #[pyfunction]
-fn gguf_write(py: Python<'_>, path: PathBuf, metadata: Vec<(String, Vec<u32>, Bound<'_, PyAny>)>, tensors: Vec<PyTensor<'_>>) -> PyResult<()> {
+fn gguf_write(
+    py: Python<'_>,
+    path: PathBuf,
+    metadata: Vec<(String, Vec<u32>, Bound<'_, PyAny>)>,
+    tensors: Vec<PyTensor<'_>>,
+) -> PyResult<()> {
     let md = metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
     let mut td = Vec::with_capacity(tensors.len());
     for (name, dims, ty, data) in &tensors {
@@ -211,8 +234,14 @@ fn closed() -> PyErr {
 #[pymethods]
 impl GGUFStreamWriter {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf, metadata: Vec<(String, Vec<u32>, Bound<'_, PyAny>)>, tensors: Vec<(String, Vec<u64>, u32)>) -> PyResult<Self> {
-        let md = metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        metadata: Vec<(String, Vec<u32>, Bound<'_, PyAny>)>,
+        tensors: Vec<(String, Vec<u64>, u32)>,
+    ) -> PyResult<Self> {
+        let md =
+            metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
         let specs: Vec<writer::TensorSpec> =
             tensors.into_iter().map(|(name, dims, ggml_type)| writer::TensorSpec { name, dims, ggml_type }).collect();
         let w = detached(py, || writer::StreamWriter::create(&path, &md, &specs))?;

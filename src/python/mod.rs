@@ -7,7 +7,10 @@ mod calib;
 mod errors;
 mod gguf;
 
-use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyReadwriteArray1};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -80,7 +83,12 @@ fn kernel_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// Narrow f32 to f16 (or bf16) bits, round to nearest even. `out` is uint16 of the same length.
 #[pyfunction]
 #[pyo3(signature = (src, out, bf16=false))]
-fn f32_to_half(py: Python<'_>, src: PyReadonlyArray1<'_, f32>, mut out: PyReadwriteArray1<'_, u16>, bf16: bool) -> PyResult<()> {
+fn f32_to_half(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, f32>,
+    mut out: PyReadwriteArray1<'_, u16>,
+    bf16: bool,
+) -> PyResult<()> {
     let s = src.as_slice()?;
     let o = out.as_slice_mut()?;
     detached(py, || half_float::f32_to_half(s, o, half_kind(bf16)))
@@ -89,7 +97,12 @@ fn f32_to_half(py: Python<'_>, src: PyReadonlyArray1<'_, f32>, mut out: PyReadwr
 /// Widen f16 (or bf16) bits to f32.
 #[pyfunction]
 #[pyo3(signature = (src, out, bf16=false))]
-fn half_to_f32(py: Python<'_>, src: PyReadonlyArray1<'_, u16>, mut out: PyReadwriteArray1<'_, f32>, bf16: bool) -> PyResult<()> {
+fn half_to_f32(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, u16>,
+    mut out: PyReadwriteArray1<'_, f32>,
+    bf16: bool,
+) -> PyResult<()> {
     let s = src.as_slice()?;
     let o = out.as_slice_mut()?;
     detached(py, || half_float::half_to_f32(s, o, half_kind(bf16)))
@@ -98,7 +111,12 @@ fn half_to_f32(py: Python<'_>, src: PyReadonlyArray1<'_, u16>, mut out: PyReadwr
 /// INT8 per-output-channel quantization of a `[rows, cols]` f32 matrix -> (q, scales, zero_points).
 #[pyfunction]
 #[pyo3(signature = (w, symmetric=true, kernel="auto"))]
-fn quantize_int8<'py>(py: Python<'py>, w: PyReadonlyArray2<'py, f32>, symmetric: bool, kernel: &str) -> PyResult<Int8Out<'py>> {
+fn quantize_int8<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    symmetric: bool,
+    kernel: &str,
+) -> PyResult<Int8Out<'py>> {
     let (rows, cols) = shape2(&w);
     let lv = level(kernel)?;
     let ws = w.as_slice()?;
@@ -113,7 +131,10 @@ fn quantize_int8<'py>(py: Python<'py>, w: PyReadonlyArray2<'py, f32>, symmetric:
 /// Inverse of `quantize_int8`, into a new f32 array.
 #[pyfunction]
 fn dequantize_int8<'py>(
-    py: Python<'py>, q: PyReadonlyArray2<'py, i8>, scales: PyReadonlyArray1<'py, f32>, zero_points: PyReadonlyArray1<'py, i8>,
+    py: Python<'py>,
+    q: PyReadonlyArray2<'py, i8>,
+    scales: PyReadonlyArray1<'py, f32>,
+    zero_points: PyReadonlyArray1<'py, i8>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (rows, cols) = shape2(&q);
     let (qs, ss, zs) = (q.as_slice()?, scales.as_slice()?, zero_points.as_slice()?);
@@ -128,7 +149,13 @@ fn dequantize_int8<'py>(
 /// zeros [rows, groups] u8).
 #[pyfunction]
 #[pyo3(signature = (w, group_size, symmetric=false, kernel="auto"))]
-fn quantize_int4<'py>(py: Python<'py>, w: PyReadonlyArray2<'py, f32>, group_size: usize, symmetric: bool, kernel: &str) -> PyResult<Int4Out<'py>> {
+fn quantize_int4<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    group_size: usize,
+    symmetric: bool,
+    kernel: &str,
+) -> PyResult<Int4Out<'py>> {
     let (rows, cols) = shape2(&w);
     let layout = int4::Int4Layout::new(rows, cols, group_size).map_err(to_py)?;
     let lv = level(kernel)?;
@@ -142,7 +169,11 @@ fn quantize_int4<'py>(py: Python<'py>, w: PyReadonlyArray2<'py, f32>, group_size
 
 /// An `Int4Matrix` as numpy arrays: packed [rows, row_bytes] u8, scales [rows, groups] f32,
 /// zeros [rows, groups] u8 (moved, not copied).
-pub(crate) fn int4_arrays<'py>(py: Python<'py>, m: int4::Int4Matrix, layout: int4::Int4Layout) -> PyResult<Int4Out<'py>> {
+pub(crate) fn int4_arrays<'py>(
+    py: Python<'py>,
+    m: int4::Int4Matrix,
+    layout: int4::Int4Layout,
+) -> PyResult<Int4Out<'py>> {
     let (rows, g) = (layout.rows, layout.groups());
     Ok((
         PyArray1::from_vec(py, m.packed).reshape([rows, layout.row_bytes()])?.into_any(),
@@ -154,8 +185,12 @@ pub(crate) fn int4_arrays<'py>(py: Python<'py>, m: int4::Int4Matrix, layout: int
 /// Inverse of `quantize_int4`, into a new `[rows, in_features]` f32 array.
 #[pyfunction]
 fn dequantize_int4<'py>(
-    py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, scales: PyReadonlyArray2<'py, f32>, zeros: PyReadonlyArray2<'py, u8>,
-    group_size: usize, in_features: usize,
+    py: Python<'py>,
+    packed: PyReadonlyArray2<'py, u8>,
+    scales: PyReadonlyArray2<'py, f32>,
+    zeros: PyReadonlyArray2<'py, u8>,
+    group_size: usize,
+    in_features: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let rows = shape2(&packed).0;
     let layout = int4::Int4Layout::new(rows, in_features, group_size).map_err(to_py)?;
@@ -171,8 +206,13 @@ fn dequantize_int4<'py>(
 #[pyfunction]
 #[pyo3(signature = (x, w, out, bias=None, bf16=false, kernel="auto"))]
 fn linear_half(
-    py: Python<'_>, x: XIn<'_>, w: PyReadonlyArray2<'_, u16>, mut out: PyReadwriteArray2<'_, f32>,
-    bias: Option<PyReadonlyArray1<'_, f32>>, bf16: bool, kernel: &str,
+    py: Python<'_>,
+    x: XIn<'_>,
+    w: PyReadonlyArray2<'_, u16>,
+    mut out: PyReadwriteArray2<'_, f32>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    bf16: bool,
+    kernel: &str,
 ) -> PyResult<()> {
     let (n, k) = shape2(&w);
     let m = x.rows();
@@ -187,8 +227,13 @@ fn linear_half(
 #[pyo3(signature = (x, q, scales, zero_points, out, bias=None, kernel="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn linear_int8(
-    py: Python<'_>, x: XIn<'_>, q: PyReadonlyArray2<'_, i8>, scales: PyReadonlyArray1<'_, f32>,
-    zero_points: PyReadonlyArray1<'_, i8>, mut out: PyReadwriteArray2<'_, f32>, bias: Option<PyReadonlyArray1<'_, f32>>,
+    py: Python<'_>,
+    x: XIn<'_>,
+    q: PyReadonlyArray2<'_, i8>,
+    scales: PyReadonlyArray1<'_, f32>,
+    zero_points: PyReadonlyArray1<'_, i8>,
+    mut out: PyReadwriteArray2<'_, f32>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
     kernel: &str,
 ) -> PyResult<()> {
     let k = shape2(&q).1;
@@ -205,9 +250,16 @@ fn linear_int8(
 #[pyo3(signature = (x, packed, scales, zeros, group_size, in_features, out, bias=None, kernel="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn linear_int4(
-    py: Python<'_>, x: XIn<'_>, packed: PyReadonlyArray2<'_, u8>, scales: PyReadonlyArray2<'_, f32>,
-    zeros: PyReadonlyArray2<'_, u8>, group_size: usize, in_features: usize, mut out: PyReadwriteArray2<'_, f32>,
-    bias: Option<PyReadonlyArray1<'_, f32>>, kernel: &str,
+    py: Python<'_>,
+    x: XIn<'_>,
+    packed: PyReadonlyArray2<'_, u8>,
+    scales: PyReadonlyArray2<'_, f32>,
+    zeros: PyReadonlyArray2<'_, u8>,
+    group_size: usize,
+    in_features: usize,
+    mut out: PyReadwriteArray2<'_, f32>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    kernel: &str,
 ) -> PyResult<()> {
     let n = shape2(&packed).0;
     let m = x.rows();
@@ -223,8 +275,12 @@ fn linear_int4(
 #[pyfunction]
 #[pyo3(signature = (x, q, scales, static_scale=None, kernel="auto"))]
 fn quantize_act_int8(
-    py: Python<'_>, x: XIn<'_>, mut q: PyReadwriteArray2<'_, i8>, mut scales: PyReadwriteArray1<'_, f32>,
-    static_scale: Option<f32>, kernel: &str,
+    py: Python<'_>,
+    x: XIn<'_>,
+    mut q: PyReadwriteArray2<'_, i8>,
+    mut scales: PyReadwriteArray1<'_, f32>,
+    static_scale: Option<f32>,
+    kernel: &str,
 ) -> PyResult<()> {
     let (m, k) = (x.rows(), x.cols());
     let lv = level(kernel)?;
@@ -238,13 +294,20 @@ fn quantize_act_int8(
 #[pyo3(signature = (xq, x_scales, q, scales, zero_points, out, bias=None, kernel="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn linear_w8a8(
-    py: Python<'_>, xq: PyReadonlyArray2<'_, i8>, x_scales: PyReadonlyArray1<'_, f32>, q: PyReadonlyArray2<'_, i8>,
-    scales: PyReadonlyArray1<'_, f32>, zero_points: PyReadonlyArray1<'_, i8>, mut out: PyReadwriteArray2<'_, f32>,
-    bias: Option<PyReadonlyArray1<'_, f32>>, kernel: &str,
+    py: Python<'_>,
+    xq: PyReadonlyArray2<'_, i8>,
+    x_scales: PyReadonlyArray1<'_, f32>,
+    q: PyReadonlyArray2<'_, i8>,
+    scales: PyReadonlyArray1<'_, f32>,
+    zero_points: PyReadonlyArray1<'_, i8>,
+    mut out: PyReadwriteArray2<'_, f32>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    kernel: &str,
 ) -> PyResult<()> {
     let k = shape2(&q).1;
     let lv = level(kernel)?;
-    let (xqs, xss, qs, ss, zs) = (xq.as_slice()?, x_scales.as_slice()?, q.as_slice()?, scales.as_slice()?, zero_points.as_slice()?);
+    let (xqs, xss, qs, ss, zs) =
+        (xq.as_slice()?, x_scales.as_slice()?, q.as_slice()?, scales.as_slice()?, zero_points.as_slice()?);
     let b = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let o = out.as_slice_mut()?;
     detached(py, || w8a8::linear_w8a8(xqs, xss, qs, ss, zs, k, b, o, lv))

@@ -40,9 +40,7 @@ impl QuantizedLinear {
 
     /// As [`from_tensors`](Self::from_tensors), choosing symmetric or asymmetric integer
     /// quantization explicitly (ignored for f16/bf16).
-    pub fn from_tensors_with(
-        weight: &Tensor, bias: Option<&Tensor>, format: Format, symmetric: bool,
-    ) -> Result<Self> {
+    pub fn from_tensors_with(weight: &Tensor, bias: Option<&Tensor>, format: Format, symmetric: bool) -> Result<Self> {
         let weight = QuantizedWeight::quantize(weight, format, symmetric)?;
         let (out_features, _) = weight.shape();
         let bias = bias.map(|b| vector_f32(b, "bias", out_features)).transpose()?;
@@ -120,9 +118,7 @@ impl QuantizedLinear {
         let shape = dims(xs);
         let (n, k) = self.weight.shape();
         let Some((&last, lead)) = shape.split_last() else {
-            return Err(Error::Shape(format!(
-                "input is a 0-d tensor; expected shape [..., {k}] (in_features = {k})"
-            )));
+            return Err(Error::Shape(format!("input is a 0-d tensor; expected shape [..., {k}] (in_features = {k})")));
         };
         if last != k {
             return Err(Error::Shape(format!(

@@ -27,8 +27,8 @@ mod tensor_io;
 
 pub use linear::QuantizedLinear;
 pub use quantize::{
-    dequantize_half, dequantize_int4, dequantize_int8, quantize_half, quantize_int4, quantize_int8,
-    HalfMatrix, QuantizedWeight,
+    dequantize_half, dequantize_int4, dequantize_int8, quantize_half, quantize_int4, quantize_int8, HalfMatrix,
+    QuantizedWeight,
 };
 pub use tensor_io::{ACTIVATION_KINDS, WEIGHT_KINDS};
 

@@ -34,16 +34,11 @@ pub(crate) fn check_cpu_float(t: &Tensor, what: &str, kinds: &[Kind]) -> Result<
         )));
     }
     if t.is_sparse() {
-        return Err(Error::Unsupported(format!(
-            "{what} is a sparse tensor; convert it with `to_dense` first"
-        )));
+        return Err(Error::Unsupported(format!("{what} is a sparse tensor; convert it with `to_dense` first")));
     }
     let kind = t.f_kind().map_err(tch_error)?;
     if !kinds.contains(&kind) {
-        return Err(Error::Unsupported(format!(
-            "{what} has dtype {kind:?}; supported dtypes: {}",
-            kind_names(kinds)
-        )));
+        return Err(Error::Unsupported(format!("{what} has dtype {kind:?}; supported dtypes: {}", kind_names(kinds))));
     }
     Ok(kind)
 }
@@ -105,10 +100,7 @@ pub(crate) fn vector_f32(t: &Tensor, what: &str, len: usize) -> Result<Vec<f32>>
 pub(crate) fn f32_tensor(data: &[f32], shape: &[i64]) -> Result<Tensor> {
     let expected: i64 = shape.iter().product();
     if expected as usize != data.len() {
-        return Err(Error::Shape(format!(
-            "{} values cannot fill a tensor of shape {shape:?}",
-            data.len()
-        )));
+        return Err(Error::Shape(format!("{} values cannot fill a tensor of shape {shape:?}", data.len())));
     }
     Tensor::f_from_slice(data).and_then(|t| t.f_reshape(shape)).map_err(tch_error)
 }

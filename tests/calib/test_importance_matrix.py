@@ -2,15 +2,15 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
-
 from calib_models import Skewed, tiny_hf_llama
+
+import torch
 from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, compute_imatrix
 from diffulex_edge.calib.sequential import STATE
 from diffulex_edge.errors import ConfigError, ShapeError
 from diffulex_edge.quant import INT4Quantizer, QuantizationConfig
 from diffulex_edge.testing import tiny_transformer
+from torch import nn
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -94,7 +94,10 @@ def test_reads_llama_cpp_style_file_written_by_gguf_py(tmp_path):
     s2 = rng.random((1, 64), dtype=np.float32) * 100
     w.add_tensor("blk.0.attn_q.weight.in_sum2", s2)
     w.add_tensor("blk.0.attn_q.weight.counts", np.array([[5120.0]], np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     im = ImportanceMatrix.load(path, model)
     assert list(im) == ["model.layers.0.self_attn.q_proj"]
     np.testing.assert_allclose(im["model.layers.0.self_attn.q_proj"], s2[0] / 5120.0, rtol=EPS32)

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
-import torch
-from torch import nn
-
 from calib_models import tiny_hf_llama
+
+import torch
 from diffulex_edge.calib import SmoothQuantConfig, smooth_model, smoothquant_w8a8
 from diffulex_edge.errors import ConfigError, UnsupportedFormatError
 from diffulex_edge.quant import INT8Quantizer, QuantizationConfig, QuantizedLinear
 from diffulex_edge.testing import tiny_transformer
+from torch import nn
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Smoothing rescales each smoothed weight and norm entry once (one float32 rounding each); the
@@ -99,7 +99,7 @@ def test_opt_and_gpt2_layouts_are_equivalent_after_smoothing():
                                    pad_token_id=0)).eval()
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
                                       eos_token_id=2)).eval()
-    plant_outliers(opt, [l.self_attn_layer_norm for l in opt.model.decoder.layers])
+    plant_outliers(opt, [layer.self_attn_layer_norm for layer in opt.model.decoder.layers])
     plant_outliers(gpt2, [b.ln_1 for b in gpt2.transformer.h])
     x = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     for model, want in ((opt, ["self_attn_layer_norm", "final_layer_norm"]), (gpt2, ["ln_1", "ln_2"])):

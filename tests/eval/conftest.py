@@ -1,7 +1,7 @@
 import pytest
+
 import torch
 from torch import nn
-
 
 
 class Bigram(nn.Module):

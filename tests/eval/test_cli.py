@@ -4,6 +4,7 @@ import pytest
 
 from diffulex_edge import cli
 
+
 @pytest.fixture
 def text_file(tmp_path, wikitext_sample):
     p = tmp_path / "eval.txt"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 import struct
 
-import pytest
-
 import pyfuzz
+import pytest
 from gguf_layout import build, fields
 from mutators import dat_fields, mutate_bytes, mutate_gguf, mutate_safetensors
 

@@ -4,13 +4,13 @@ import os
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GQT
 from gguf import GGUFReader
 from gguf import GGUFWriter as RefWriter
-from gguf import GGMLQuantizationType as GQT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffulex_edge.errors import CorruptFileError
+from diffulex_edge.errors import CorruptFileError, ShapeError
 from diffulex_edge.gguf import GGUFFile, GGUFWriter, ValueType, quantize
 
 
@@ -96,7 +96,7 @@ def test_write_is_atomic(tmp_path):
     before = p.read_bytes()
     w = GGUFWriter(p)
     w.add_raw_tensor("bad", np.zeros(5, np.uint8), "F32", (4,))  # wrong size: 5 bytes for 4 floats
-    with pytest.raises(Exception):
+    with pytest.raises(ShapeError):
         w.write()
     assert p.read_bytes() == before
     assert [n for n in os.listdir(tmp_path) if n != "x.gguf"] == []

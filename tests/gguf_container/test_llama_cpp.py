@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 import torch
 
 BIN = os.environ.get("LLAMA_CPP_BIN_DIR")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
-from torch import nn
-
 import reference as ref
+
+import torch
 from diffulex_edge import ConfigError, UnsupportedFormatError
 from diffulex_edge.quant import (
     QUANTIZERS,
@@ -22,6 +21,7 @@ from diffulex_edge.quant import (
     quantize_,
     quantize_model_ptq,
 )
+from torch import nn
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 
@@ -221,7 +221,7 @@ def test_dequantize_model(make_tied_lm, dtype, inplace):
     out = dequantize_model(model, inplace=inplace)
     assert (out is model) == inplace
     assert not qlayers(out)
-    for n, m in out.named_modules():
+    for m in out.modules():
         if isinstance(m, nn.Linear):
             assert type(m) is nn.Linear and m.weight.dtype == torch.float32
     for n, w in weights.items():

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import weight_matrices
 
-import reference as ref
+import torch
 from diffulex_edge import ConfigError, NonFiniteWeightError, _native, kernel_info
 from diffulex_edge.quant import _ops
-from strategies import weight_matrices
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 TINY32 = 2.0**-149  # smallest float32 subnormal

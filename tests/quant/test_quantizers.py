@@ -7,10 +7,9 @@ import copy
 import logging
 
 import pytest
-import torch
-from torch import nn
-
 import reference as ref
+
+import torch
 from diffulex_edge import ConfigError, QuantizationError, ShapeError
 from diffulex_edge.quant import (
     QUANTIZERS,
@@ -24,6 +23,7 @@ from diffulex_edge.quant import (
     is_int4_available,
     model_size_bytes,
 )
+from torch import nn
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

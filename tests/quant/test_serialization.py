@@ -8,9 +8,8 @@ import os
 
 import pytest
 import safetensors.torch
-import torch
-from torch import nn
 
+import torch
 from diffulex_edge import CorruptFileError, ShapeError, UnsupportedFormatError
 from diffulex_edge.quant import (
     INT8Quantizer,
@@ -19,9 +18,10 @@ from diffulex_edge.quant import (
     load_quantized,
     quantize_,
     save_quantized,
+    serialization,
 )
-from diffulex_edge.quant import serialization
 from diffulex_edge.quant.serialization import FORMAT_TAG
+from torch import nn
 
 EXTS = [".safetensors", ".pt"]
 CONFIGS = {
@@ -511,7 +511,7 @@ def saved_protected(tmp_path_factory):
 
 
 def test_protected_model_round_trips(saved_protected):
-    for ext, path in saved_protected.items():
+    for path in saved_protected.values():
         loaded = load_quantized(path, Net())
         assert loaded.up.n_protect == 2 and loaded.out.act_mode == "static"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 import torch
 from torch import nn
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from diffulex_edge.quant import QuantizedLinear
+from torch import nn
 
 # name -> from_linear keyword arguments
 FORMATS = {

@@ -39,7 +39,7 @@ def reference(server, tmp_path_factory):
     out = {}
     for job in JOBS:
         runs, spans = [], []
-        for i in range(2):  # same file name as the tests' (torch.save records it in the archive)
+        for _ in range(2):  # same file name as the tests' (torch.save records it in the archive)
             p = dest_in(tmp_path_factory.mktemp("reference"), job)
             trial = server.run(job, p, scale=SCALE)
             assert trial.code == 0, trial.lines

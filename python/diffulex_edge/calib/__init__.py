@@ -10,8 +10,15 @@ from .collect import ActivationStats, CollectedStats, collect_stats, linear_name
 from .dataset import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES, CalibrationDataset
 from .imatrix import ImportanceMatrix, compute_imatrix
 from .observers import activation_scales, clip_value
+from .smoothquant import (
+    SmoothedGroup,
+    SmoothQuantConfig,
+    SmoothQuantReport,
+    conv1d_to_linear,
+    smooth_model,
+    smoothquant_w8a8,
+)
 from .super_weights import SuperWeight, SuperWeights, find_super_weights, outlier_weights, protect_table
-from .smoothquant import SmoothQuantConfig, SmoothQuantReport, SmoothedGroup, conv1d_to_linear, smooth_model, smoothquant_w8a8
 
 __all__ = [
     "ActivationStats",

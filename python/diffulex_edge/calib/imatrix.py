@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
+
 from torch import nn
 
 from ..errors import ConfigError

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .._io import atomic_write
+from ..errors import ConfigError
 from .collect import ActivationStats, CollectedStats, StatsHooks
 from .dataset import CalibrationDataset, run_batch
 

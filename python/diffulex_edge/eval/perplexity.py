@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn.functional as F
+
+import torch
 from torch import nn
 
 from ..data import read_text

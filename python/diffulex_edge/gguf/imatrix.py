@@ -22,8 +22,8 @@ from typing import Dict, List, Mapping, Union
 
 import numpy as np
 
-from ..errors import CorruptFileError
 from .._io import atomic_write
+from ..errors import CorruptFileError
 from .file import GGUFFile, GGUFWriter, ValueType
 
 PathLike = Union[str, os.PathLike]

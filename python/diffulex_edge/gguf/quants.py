@@ -46,7 +46,7 @@ def type_info(qtype: Union[str, int, GGMLTypeInfo]) -> GGMLTypeInfo:
     """Look up a type by name (any case), GGUF id, or pass an info through."""
     if isinstance(qtype, GGMLTypeInfo):
         return qtype
-    if isinstance(qtype, int) or hasattr(qtype, "value") and isinstance(getattr(qtype, "value"), int):
+    if isinstance(qtype, int) or hasattr(qtype, "value") and isinstance(qtype.value, int):
         key = int(getattr(qtype, "value", qtype))
         if key in GGML_TYPES_BY_ID:
             return GGML_TYPES_BY_ID[key]

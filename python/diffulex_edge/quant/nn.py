@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Union
 
-import torch
 import torch.nn.functional as F
+
+import torch
 from torch import nn
 
 from .. import _native

@@ -226,7 +226,7 @@ def load_quantized(path: PathLike, model_skeleton: nn.Module, *, strict: bool = 
         try:
             target = model_skeleton.get_submodule(name) if name else model_skeleton
         except AttributeError:
-            raise ShapeError("the file has a quantized layer here but the skeleton has no such module", layer=name)
+            raise ShapeError("the file has a quantized layer here but the skeleton has no such module", layer=name) from None
         if not isinstance(target, (nn.Linear, QuantizedLinear)):
             raise ShapeError(f"expected nn.Linear in the skeleton, found {type(target).__name__}", layer=name)
         target_shape = (target.in_features, target.out_features)

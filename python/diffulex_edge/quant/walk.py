@@ -200,7 +200,7 @@ def quantize_model(
         missing = [n for n, _ in plan.layers if n not in importance]
         if missing:
             _warnings.warn(f"the importance matrix has no entry for {len(missing)} layer(s), e.g. {missing[:3]}; "
-                           "they are quantized round-to-nearest")
+                           "they are quantized round-to-nearest", stacklevel=2)
     new_modules: Dict[str, QuantizedLinear] = {}
     records: List[LayerRecord] = []
     for name, lin in progress(plan.layers, f"quantize {fmt}", show_progress, unit="layer"):
