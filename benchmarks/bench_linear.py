@@ -21,12 +21,12 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
+from torch import nn
+
 from diffulex_edge import _native
 from diffulex_edge.quant.nn import QuantizedLinear
-from torch import nn
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features) as nn.Linear(in, out)
 BATCHES = [1, 8, 64]

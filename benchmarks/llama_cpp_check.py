@@ -31,8 +31,8 @@ import tempfile
 import time
 
 import numpy as np
-
 import torch
+
 from diffulex_edge.eval import llama_cpp_perplexity, perplexity
 from diffulex_edge.export import export_gguf, load_gguf_weights
 from diffulex_edge.gguf import GGUFFile

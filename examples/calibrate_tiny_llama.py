@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import torch
+
 from diffulex_edge.calib import (
     CalibrationDataset,
     ImportanceMatrix,

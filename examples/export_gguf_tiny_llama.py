@@ -11,9 +11,9 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import torch
 from diffulex_edge.export import export_gguf
 from diffulex_edge.gguf import GGUFFile
 

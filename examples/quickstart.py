@@ -7,6 +7,7 @@ import os
 import tempfile
 
 import torch
+
 from diffulex_edge.quant import (
     INT4Quantizer,
     QuantizationConfig,

@@ -157,6 +157,7 @@ def _tiny_model(seed: int = 0):
 
 def _quantized_model():
     import torch
+
     from diffulex_edge.quant.nn import QuantizedLinear
 
     m = _tiny_model()
@@ -182,6 +183,7 @@ def _quant_seeds(tmp: str, suffix: str) -> List[bytes]:
 
 def _load_quantized(path: str, ctx: Ctx) -> None:
     import torch
+
     from diffulex_edge.quant.serialization import load_quantized
 
     model = load_quantized(path, _tiny_model(2))

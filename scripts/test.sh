@@ -19,8 +19,13 @@ cargo test --release --quiet
 echo "== pytest (Python package, coverage)"
 "$PY" -m pytest -q --durations=15 --cov=diffulex_edge --cov-report=term --cov-fail-under=90 tests/
 
-echo "== examples"
+echo "== examples (every one; the slow ones with small settings)"
+EX_OUT=$(mktemp -d)
+trap 'rm -rf "$EX_OUT"' EXIT
 "$PY" examples/quickstart.py
+"$PY" examples/export_gguf_tiny_llama.py "$EX_OUT/tiny.gguf"
+"$PY" examples/calibrate_tiny_llama.py --samples 128 --seq-len 64 --max-tokens 8192
+"$PY" examples/train_tiny_lm.py --out "$EX_OUT/tiny-lm" --steps 10
 
 if [ "${SKIP_TCH:-0}" != "1" ]; then
     echo "== tch feature (libtorch from torch 2.13.0)"

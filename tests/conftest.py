@@ -10,9 +10,8 @@ import os
 import sys
 
 import pytest
-from hypothesis import HealthCheck, settings
-
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

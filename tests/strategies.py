@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import torch
 
 
 def f32(lo: float, hi: float, **kw):

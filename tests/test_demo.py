@@ -1,4 +1,5 @@
 import torch
+
 from diffulex_edge import demo
 from diffulex_edge.testing import TinyTransformerLM, tiny_transformer
 

@@ -4,9 +4,10 @@ that name the offending layer, raised before the model is touched."""
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 import diffulex_edge
-import torch
 from diffulex_edge import (
     ConfigError,
     CorruptFileError,
@@ -21,7 +22,6 @@ from diffulex_edge.quant import (
     INT4Quantizer,
     INT8Quantizer,
 )
-from torch import nn
 
 QUANTIZERS = {
     "fp16": FP16Quantizer,

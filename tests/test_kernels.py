@@ -4,12 +4,12 @@ as a uint16 view (the kernels widen them exactly, so the reference is the f32 of
 
 import numpy as np
 import pytest
-
 import torch
+from torch import nn
+
 from diffulex_edge import _native
 from diffulex_edge.errors import UnsupportedFormatError
 from diffulex_edge.quant.nn import QuantizedLinear
-from torch import nn
 
 LEVELS = _native.kernel_info()["available"]
 ALL_LEVELS = ["scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni"]

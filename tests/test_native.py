@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import reference as ref
+import torch
 
 import diffulex_edge
-import torch
 from diffulex_edge import ConfigError, ShapeError, UnsupportedFormatError, _native, kernel_info
 
 LEVELS = kernel_info()["available"]

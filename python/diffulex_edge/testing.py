@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 

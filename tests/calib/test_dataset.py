@@ -1,9 +1,9 @@
 import warnings
 
 import pytest
+import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import torch
 from diffulex_edge.calib import CalibrationDataset
 from diffulex_edge.calib.dataset import as_calibration, run_batch
 from diffulex_edge.data import wikitext2

@@ -2,15 +2,15 @@ import os
 
 import numpy as np
 import pytest
-from calib_models import Skewed, tiny_hf_llama
-
 import torch
+from calib_models import Skewed, tiny_hf_llama
+from torch import nn
+
 from diffulex_edge.calib import CalibrationDataset, ImportanceMatrix, compute_imatrix
 from diffulex_edge.calib.sequential import STATE
 from diffulex_edge.errors import ConfigError, ShapeError
 from diffulex_edge.quant import INT4Quantizer, QuantizationConfig
 from diffulex_edge.testing import tiny_transformer
-from torch import nn
 
 EPS32 = float(np.finfo(np.float32).eps)
 

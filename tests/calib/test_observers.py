@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-
 import torch
+from torch import nn
+
 from diffulex_edge.calib import ActivationStats, activation_scales, clip_value, collect_stats
 from diffulex_edge.errors import ConfigError
 from diffulex_edge.quant import INT8Quantizer, QuantizationConfig
-from torch import nn
 
 #: bins of the |x| histogram are 2^-7 wide relative to their values (bfloat16 truncation)
 BIN_REL = 2.0 ** -7

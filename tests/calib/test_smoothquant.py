@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
-from calib_models import tiny_hf_llama
-
 import torch
+from calib_models import tiny_hf_llama
+from torch import nn
+
 from diffulex_edge.calib import SmoothQuantConfig, smooth_model, smoothquant_w8a8
 from diffulex_edge.errors import ConfigError, UnsupportedFormatError
 from diffulex_edge.quant import INT8Quantizer, QuantizationConfig, QuantizedLinear
 from diffulex_edge.testing import tiny_transformer
-from torch import nn
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Smoothing rescales each smoothed weight and norm entry once (one float32 rounding each); the

@@ -2,8 +2,9 @@ import warnings
 
 import numpy as np
 import pytest
-
 import torch
+from torch import nn
+
 from diffulex_edge.calib import compute_imatrix, find_super_weights, outlier_weights, protect_table
 from diffulex_edge.errors import ConfigError, ShapeError
 from diffulex_edge.quant import (
@@ -15,7 +16,6 @@ from diffulex_edge.quant import (
     save_quantized,
 )
 from diffulex_edge.testing import tiny_transformer
-from torch import nn
 
 EPS32 = float(np.finfo(np.float32).eps)
 ROW, COL = 17, 101

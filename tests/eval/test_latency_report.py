@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 import torch
+
 from diffulex_edge.errors import ConfigError
 from diffulex_edge.eval import (
     BenchmarkReport,

@@ -1,9 +1,9 @@
 import math
 
 import pytest
+import torch
 import torch.nn.functional as F
 
-import torch
 from diffulex_edge.errors import ConfigError, UnsupportedFormatError
 from diffulex_edge.eval import logits_of, perplexity, tokenize
 from diffulex_edge.eval.perplexity import windows

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 from gguf import quants as gq
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import torch
 from diffulex_edge.errors import ConfigError, NonFiniteWeightError, UnsupportedFormatError
 from diffulex_edge.export import export_gguf
 from diffulex_edge.export.gguf_export import gguf_tensor_name, permute_qk

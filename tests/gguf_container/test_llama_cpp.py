@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import torch
 
 BIN = os.environ.get("LLAMA_CPP_BIN_DIR")

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 import reference as ref
-
 import torch
+from torch import nn
+
 from diffulex_edge import ConfigError, UnsupportedFormatError
 from diffulex_edge.quant import (
     QUANTIZERS,
@@ -21,7 +22,6 @@ from diffulex_edge.quant import (
     quantize_,
     quantize_model_ptq,
 )
-from torch import nn
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

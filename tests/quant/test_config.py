@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import torch
 from diffulex_edge import ConfigError
 from diffulex_edge.quant import INT4_GROUP_SIZES, INT8Quantizer, QuantizationConfig, QuantizationDtype
 

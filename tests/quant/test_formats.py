@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import weight_matrices
 
-import torch
 from diffulex_edge import ConfigError, NonFiniteWeightError, _native, kernel_info
 from diffulex_edge.quant import _ops
 

@@ -14,13 +14,13 @@ import warnings
 
 import pytest
 import reference as ref
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-import torch
 from diffulex_edge import ConfigError, ShapeError, UnsupportedFormatError, kernel_info
 from diffulex_edge.quant import QuantizationConfig, QuantizedLinear, quantize_
-from torch import nn
 
 LEVELS = kernel_info()["available"]
 FORMATS = [

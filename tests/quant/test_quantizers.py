@@ -8,8 +8,9 @@ import logging
 
 import pytest
 import reference as ref
-
 import torch
+from torch import nn
+
 from diffulex_edge import ConfigError, QuantizationError, ShapeError
 from diffulex_edge.quant import (
     QUANTIZERS,
@@ -23,7 +24,6 @@ from diffulex_edge.quant import (
     is_int4_available,
     model_size_bytes,
 )
-from torch import nn
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
+from torch import nn
+
 from diffulex_edge.quant import INT4Quantizer, INT8Quantizer, LayerRecord, QuantizationConfig, quantize_
 from diffulex_edge.quant.result import format_bytes
-from torch import nn
 
 
 class Named(nn.Module):

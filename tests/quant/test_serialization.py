@@ -8,8 +8,9 @@ import os
 
 import pytest
 import safetensors.torch
-
 import torch
+from torch import nn
+
 from diffulex_edge import CorruptFileError, ShapeError, UnsupportedFormatError
 from diffulex_edge.quant import (
     INT8Quantizer,
@@ -21,7 +22,6 @@ from diffulex_edge.quant import (
     serialization,
 )
 from diffulex_edge.quant.serialization import FORMAT_TAG
-from torch import nn
 
 EXTS = [".safetensors", ".pt"]
 CONFIGS = {

@@ -41,8 +41,9 @@ def stop(text: str) -> None:
 
 def build_quantized(scale: int):
     import torch
-    from diffulex_edge.quant import QuantizationConfig, quantize_
     from torch import nn
+
+    from diffulex_edge.quant import QuantizationConfig, quantize_
 
     torch.manual_seed(0)
     d = 512 * scale
@@ -56,9 +57,8 @@ def build_quantized(scale: int):
 
 
 def build_llama(scale: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=512 * scale, intermediate_size=1536 * scale, num_hidden_layers=2,
@@ -155,11 +155,11 @@ def serve() -> None:
     import signal
     import traceback
 
+    import torch  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
 
     import diffulex_edge.export  # noqa: F401
     import diffulex_edge.quant  # noqa: F401
-    import torch  # noqa: F401
 
     marker("READY")
     for line in sys.stdin:

@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
 sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
-
 import torch  # noqa: E402
+from formats import FORMATS, bits, inputs, quantized_layer  # noqa: E402
+
 from diffulex_edge import kernel_info  # noqa: E402
 from diffulex_edge.gguf import GGML_TYPES, quantize  # noqa: E402
-from formats import FORMATS, bits, inputs, quantized_layer  # noqa: E402
 
 # Sizes past the kernels' serial threshold (2^18 multiply-adds), with row counts that are not a
 # multiple of the kernels' row blocking, so the parallel split differs between 1 and 2 threads.
@@ -51,9 +51,10 @@ def quantized_layers(out: dict) -> None:
 def calibrated_models(out: dict, out_dir: str) -> None:
     """quantize_ with calibration (static activation scales by each observer), the importance
     matrix, and save_quantized's safetensors bytes of the result."""
+    from torch import nn
+
     from diffulex_edge.calib import compute_imatrix
     from diffulex_edge.quant import QuantizationConfig, quantize_, save_quantized
-    from torch import nn
 
     def mlp():
         torch.manual_seed(11)

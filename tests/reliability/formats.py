@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffulex_edge.quant import QuantizedLinear
 from torch import nn
+
+from diffulex_edge.quant import QuantizedLinear
 
 # name -> from_linear keyword arguments
 FORMATS = {

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

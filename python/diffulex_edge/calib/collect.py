@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
-
 import torch
 from torch import nn
 

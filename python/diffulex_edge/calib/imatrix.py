@@ -12,7 +12,6 @@ import os
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
-
 from torch import nn
 
 from ..errors import ConfigError

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
-
 import torch
 from torch import nn
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
-
 import torch
 from torch import nn
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-
 import torch
 
 from .. import _native

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Union
 
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _native
