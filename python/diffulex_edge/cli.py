@@ -52,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder")
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must differ from MODEL_DIR)")
-    q.add_argument("--dtype", default="int8", choices=["fp16", "bf16", "int8", "int4"], help="weight format (default int8)")
-    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="INT4 group length (default 128)")
-    q.add_argument("--mode", default="weight_only", choices=["weight_only", "dynamic", "static"],
+    # defaults are applied after --config is read (see _QUANTIZE_DEFAULTS): a flag given on the
+    # command line overrides the file, even when it names the default value
+    q.add_argument("--dtype", default=None, choices=["fp16", "bf16", "int8", "int4"], help="weight format (default int8)")
+    q.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256], help="INT4 group length (default 128)")
+    q.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
                    help="INT8 only: also quantize activations per token (dynamic) or with calibrated scales (static)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (name, prefix, glob, or re:REGEX); repeatable")
@@ -131,16 +133,18 @@ def _need_file(path: Optional[str], what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
+_QUANTIZE_DEFAULTS = {"dtype": "int8", "group_size": 128, "mode": "weight_only"}
+
+
 def _cmd_quantize(a) -> int:
     from . import hf
     from .quant import QUANTIZERS, QuantizationConfig
 
     _need_file(a.calibration, "calibration text")
     base = QuantizationConfig.from_yaml(a.config).to_dict() if a.config else {}
-    cli = {"dtype": a.dtype, "group_size": a.group_size, "mode": a.mode}
-    defaults = {"dtype": "int8", "group_size": 128, "mode": "weight_only"}
-    # flags left at their defaults do not override the YAML file
-    merged = {**base, **{k: v for k, v in cli.items() if not (a.config and v == defaults[k] and k in base)}}
+    given = {k: v for k, v in {"dtype": a.dtype, "group_size": a.group_size, "mode": a.mode}.items() if v is not None}
+    # precedence: flags given on the command line, then the YAML file, then the CLI's defaults
+    merged = {**_QUANTIZE_DEFAULTS, **base, **given}
     merged["exclude_layers"] = list(base.get("exclude_layers") or []) + a.exclude
     cfg = QuantizationConfig.from_dict(merged)
     model, tok = hf.load_model(a.model_dir)

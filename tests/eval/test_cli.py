@@ -81,6 +81,11 @@ def test_quantize_static_and_yaml(hf_model_dir, tmp_path, text_file, capsys):
     info = json.loads((tmp_path / "y" / "quantization.json").read_text())
     assert info["config"]["dtype"] == "int4" and info["config"]["group_size"] == 64
     assert info["num_quantized_layers"] == 7  # layer 1 only; lm_head and layer 0 excluded
+    # a flag given explicitly wins over the file even when it names the CLI's default value
+    assert cli.main(["quantize", str(hf_model_dir), "--config", str(cfg), "--dtype", "int8", "-o",
+                     str(tmp_path / "z")]) == 0
+    info = json.loads((tmp_path / "z" / "quantization.json").read_text())
+    assert info["config"]["dtype"] == "int8"
     assert cli.main(["quantize", str(hf_model_dir), "-o", str(hf_model_dir)]) == 2
     assert "must differ" in capsys.readouterr().err
 
