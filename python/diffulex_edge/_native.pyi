@@ -120,5 +120,5 @@ def smoothquant_scales(
 ) -> npt.NDArray[np.float32]: ...
 def quantize_int4_weighted(
     w: npt.NDArray[np.float32], group_size: int, importance: npt.NDArray[np.float32], symmetric: bool = False,
-    reference: bool = False,
+    reference: bool = False, kernel: str = "auto",
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.uint8]]: ...

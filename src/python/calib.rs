@@ -105,8 +105,10 @@ fn smoothquant_scales<'py>(
 
 /// INT4 grouped quantization with an importance-weighted scale/zero-point search per group
 /// (`importance`: one float32 per input column) -> (packed, scales, zeros) as `quantize_int4`.
+/// `kernel` is checked as `quantize_int4` checks it (an unknown or unavailable level is an
+/// error); the search itself is scalar code on rayon threads at every level.
 #[pyfunction]
-#[pyo3(signature = (w, group_size, importance, symmetric=false, reference=false))]
+#[pyo3(signature = (w, group_size, importance, symmetric=false, reference=false, kernel="auto"))]
 fn quantize_int4_weighted<'py>(
     py: Python<'py>,
     w: PyReadonlyArray2<'py, f32>,
@@ -114,8 +116,11 @@ fn quantize_int4_weighted<'py>(
     importance: PyReadonlyArray1<'py, f32>,
     symmetric: bool,
     reference: bool,
+    kernel: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let lv = super::level(kernel)?;
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    log::debug!("quantize_int4_weighted {rows}x{cols} g{group_size} symmetric={symmetric} kernel={}", lv.name());
     let layout = int4::Int4Layout::new(rows, cols, group_size).map_err(to_py)?;
     let (ws, imp) = (w.as_slice()?, importance.as_slice()?);
     let m = detached(py, || {

@@ -58,3 +58,11 @@ def test_smoothquant_and_weighted_int4_bindings():
     assert all(np.array_equal(a, b) for a, b in zip(fast, ref))
     with pytest.raises(ConfigError, match="group size"):
         _native.quantize_int4_weighted(w, 48, imp)
+    # the kernel setting is checked like quantize_int4's, and every level gives the same bytes
+    for level in _native.kernel_info()["available"]:
+        got = _native.quantize_int4_weighted(w, 32, imp, kernel=level)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), level
+    with pytest.raises(Exception) as bogus:
+        _native.quantize_int4(w, 32, False, "bogus")
+    with pytest.raises(type(bogus.value), match="bogus"):
+        _native.quantize_int4_weighted(w, 32, imp, kernel="bogus")

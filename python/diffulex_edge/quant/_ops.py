@@ -59,7 +59,8 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, kernel: str
     return torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)
 
 
-def quantize_int4_weighted(w: torch.Tensor, group_size: int, symmetric: bool, importance, layer: Optional[str] = None):
+def quantize_int4_weighted(w: torch.Tensor, group_size: int, symmetric: bool, importance, kernel: str = "auto",
+                           layer: Optional[str] = None):
     """INT4 with each group's scale/zero point chosen for the lowest importance-weighted error."""
     imp = np.ascontiguousarray(np.asarray(importance.detach().cpu() if isinstance(importance, torch.Tensor) else importance,
                                           dtype=np.float32).reshape(-1))
@@ -68,7 +69,8 @@ def quantize_int4_weighted(w: torch.Tensor, group_size: int, symmetric: bool, im
 
         raise ShapeError(f"importance has {imp.size} values but the weight has {w.shape[1]} input columns; "
                          "was the imatrix computed on another model?", layer=layer)
-    p, s, z = with_layer(_native.quantize_int4_weighted, layer, as_f32_cpu(w).numpy(), group_size, imp, symmetric)
+    p, s, z = with_layer(_native.quantize_int4_weighted, layer, as_f32_cpu(w).numpy(), group_size, imp, symmetric,
+                         False, kernel)
     return torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)
 
 

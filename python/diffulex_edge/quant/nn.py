@@ -162,7 +162,7 @@ class QuantizedLinear(nn.Module):
                     )
                 buffers["act_scale"] = torch.tensor(float(act_scale), dtype=torch.float32)
         elif importance is not None:
-            p, s, z = _ops.quantize_int4_weighted(w, q.group_size, q.symmetric, importance, name)
+            p, s, z = _ops.quantize_int4_weighted(w, q.group_size, q.symmetric, importance, kernel, name)
             buffers = {"qweight": p, "scales": s, "zeros": z}
         else:
             p, s, z = _ops.quantize_int4(w, q.group_size, q.symmetric, kernel, name)
