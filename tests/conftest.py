@@ -16,10 +16,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Example counts come from one profile for every property test (no per-test counts), chosen with
+# HYPOTHESIS_PROFILE: "diffulex" (the default run and CI), "quick" (a smoke run while editing),
+# "thorough" (before a release or after touching a format: 25x the default).
 # Native calls and model copies take a few ms each; hypothesis' 200 ms deadline is noise on 2 cores.
-settings.register_profile(
-    "diffulex", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
-)
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("diffulex", max_examples=40, **_common)
+settings.register_profile("quick", max_examples=8, **_common)
+settings.register_profile("thorough", max_examples=1000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "diffulex"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

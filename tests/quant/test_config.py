@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from diffulex_edge import ConfigError
@@ -215,7 +215,6 @@ configs = st.builds(
 )
 
 
-@settings(max_examples=50)
 @given(c=configs)
 def test_yaml_round_trip(c):
     text = c.to_yaml()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from strategies import weight_matrices
 
@@ -43,7 +43,6 @@ def native_int4(w: torch.Tensor, group: int, symmetric: bool, kernel: str = "aut
 # ---- INT8 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@settings(max_examples=40)
 @given(w=weight_matrices())
 def test_int8_round_trip_within_half_step(w, symmetric):
     q, s, z = native_int8(w, symmetric)
@@ -58,7 +57,6 @@ def test_int8_round_trip_within_half_step(w, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@settings(max_examples=40)
 @given(w=weight_matrices())
 def test_int8_bytes_match_reference_on_every_kernel(w, symmetric):
     want = ref.int8_quantize(w, symmetric)
@@ -142,7 +140,6 @@ def test_int8_overflowing_range_is_a_config_error():
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@settings(max_examples=30)
 @given(w=weight_matrices(max_rows=4, max_cols=600))
 def test_int4_round_trip_within_half_step(w, group, symmetric):
     n, k = w.shape
@@ -162,7 +159,6 @@ def test_int4_round_trip_within_half_step(w, group, symmetric):
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@settings(max_examples=30)
 @given(w=weight_matrices(max_rows=4, max_cols=600))
 def test_int4_bytes_match_reference_on_every_kernel(w, group, symmetric):
     packed, scales, zeros, nibbles = ref.int4_quantize(w, group, symmetric)
@@ -259,7 +255,6 @@ def from_half_native(bits: torch.Tensor, bf16: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
-@settings(max_examples=60)
 @given(v=st.lists(st.floats(width=32), min_size=1, max_size=300))
 def test_half_conversion_is_bit_identical_to_torch(v, bf16):
     x = torch.tensor(v, dtype=torch.float32)
@@ -276,7 +271,6 @@ def test_half_conversion_is_bit_identical_to_torch(v, bf16):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
-@settings(max_examples=60)
 @given(v=st.lists(st.floats(-65504.0, 65504.0, width=32), min_size=1, max_size=300))
 def test_half_round_trip_within_half_an_ulp(v, bf16):
     x = torch.tensor(v, dtype=torch.float32)

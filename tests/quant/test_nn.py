@@ -15,7 +15,7 @@ import warnings
 import pytest
 import reference as ref
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -118,7 +118,6 @@ def test_half_precision_inputs(kernel, fmt, xdtype):
 
 
 @pytest.mark.parametrize("kernel", LEVELS)
-@settings(max_examples=30)
 @given(
     k=st.integers(1, 300),
     n=st.integers(1, 12),
