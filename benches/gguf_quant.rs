@@ -2,9 +2,9 @@
 //! slice (256 rows, so a run stays short; throughput per element is what matters).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use diffulex_edge::formats::ggml_any;
-use diffulex_edge::formats::ggml_block::{GgmlType, QuantMode};
-use diffulex_edge::kernels::KernelLevel;
+use diffulex_edge::formats::ggml::any as ggml_any;
+use diffulex_edge::formats::ggml::block::{GgmlType, QuantMode};
+use diffulex_edge::simd::KernelLevel;
 
 fn data(rows: usize, cols: usize) -> Vec<f32> {
     // deterministic pseudo-Gaussian (sum of uniforms), no rand dependency

@@ -10,7 +10,7 @@ use diffulex_edge::formats::int4::{self, Int4Layout};
 use diffulex_edge::formats::int8;
 use diffulex_edge::kernels::linear::{linear, F32Weights, Int4Weights, Int8Weights};
 use diffulex_edge::kernels::w8a8::{linear_w8a8, quantize_activations};
-use diffulex_edge::kernels::KernelLevel;
+use diffulex_edge::simd::KernelLevel;
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);

@@ -9,6 +9,7 @@ pub mod formats;
 pub mod gguf;
 pub mod kernels;
 mod mem;
+pub mod simd;
 
 #[cfg(feature = "python")]
 mod python;

@@ -5,8 +5,8 @@
 use std::fs;
 use std::path::Path;
 
-use diffulex_edge::formats::ggml_any;
-use diffulex_edge::formats::ggml_block::GgmlType;
+use diffulex_edge::formats::ggml::any as ggml_any;
+use diffulex_edge::formats::ggml::block::GgmlType;
 use diffulex_edge::gguf::reader::{read_bytes, tensor_data};
 
 fn files(dir: &str) -> Vec<(String, Vec<u8>)> {

@@ -4,7 +4,7 @@
 //! shapes and dtypes, and the error cases. Run through `.ci/tch.sh`.
 
 use diffulex_edge::formats::{int4, int8, Format};
-use diffulex_edge::kernels::KernelLevel;
+use diffulex_edge::simd::KernelLevel;
 use diffulex_edge::torch::{self, QuantizedLinear, QuantizedWeight};
 use diffulex_edge::Error;
 use tch::nn::{self, Module};

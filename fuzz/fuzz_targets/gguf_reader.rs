@@ -4,8 +4,8 @@
 //! allocation out of proportion to the input is a bug in the reader.
 #![no_main]
 
-use diffulex_edge::formats::ggml_any;
-use diffulex_edge::formats::ggml_block::GgmlType;
+use diffulex_edge::formats::ggml::any as ggml_any;
+use diffulex_edge::formats::ggml::block::GgmlType;
 use diffulex_edge::gguf::reader::{read_bytes, tensor_data};
 use diffulex_edge::gguf::Value;
 use libfuzzer_sys::fuzz_target;

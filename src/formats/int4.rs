@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::int8::{round_even_small, row_stats, usable_step};
 use crate::error::{check_len, first_non_finite, Error, Result};
 use crate::formats::INT4_GROUP_SIZES;
-use crate::kernels::{dispatch, KernelLevel};
+use crate::simd::{dispatch, KernelLevel};
 
 /// A quantized `[rows, cols]` matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +172,7 @@ pub fn quantize_into(
             #[cfg(target_arch = "x86_64")]
             if level.has_avx512() {
                 // SAFETY: the level was checked by KernelLevel::resolve.
-                return unsafe { crate::kernels::quantize::int4_row_avx512(wr, group, symmetric, pr, sr, zr) }
+                return unsafe { crate::formats::quantize_avx512::int4_row_avx512(wr, group, symmetric, pr, sr, zr) }
                     .err()
                     .map(|gi| (r, gi));
             }

@@ -204,7 +204,7 @@ pub fn quantize_weighted(w: &[f32], layout: Int4Layout, symmetric: bool, importa
 mod tests {
     use super::*;
     use crate::formats::int4;
-    use crate::kernels::KernelLevel;
+    use crate::simd::KernelLevel;
     use proptest::prelude::*;
 
     fn werr(w: &[f32], d: &[f32], imp: &[f32], cols: usize) -> f64 {

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, first_non_finite, Error, Result};
-use crate::kernels::{dispatch, KernelLevel};
+use crate::simd::{dispatch, KernelLevel};
 
 /// A quantized `[rows, cols]` matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +146,7 @@ pub fn quantize_into(
             #[cfg(target_arch = "x86_64")]
             if level.has_avx512() {
                 // SAFETY: the level was checked by KernelLevel::resolve.
-                return match unsafe { crate::kernels::quantize::int8_row_avx512(wr, qr, symmetric) } {
+                return match unsafe { crate::formats::quantize_avx512::int8_row_avx512(wr, qr, symmetric) } {
                     Some((sc, zp)) => {
                         *s = sc;
                         *z = zp;

@@ -1,17 +1,13 @@
 //! Weight formats. Each module has a scalar `*_ref` reference that is obviously correct and a
 //! fast path (rayon over rows, loops written for auto-vectorization) tested bit-exact against it.
 
-pub mod ggml_any;
-pub mod ggml_block;
-pub mod ggml_search;
-pub mod gguf_legacy;
-pub mod gguf_ternary;
+pub mod ggml;
 pub mod half_float;
 pub mod int4;
 pub mod int4_weighted;
 pub mod int8;
-pub mod iq;
-pub mod k_quants;
+// AVX-512 row quantizers of the INT8 and INT4 formats, byte-exact with their `quantize_ref`
+pub(crate) mod quantize_avx512;
 
 use crate::error::{Error, Result};
 
@@ -27,8 +23,8 @@ pub enum Format {
     Int4Grouped {
         group: usize,
     },
-    /// A GGML block format (`q4_0`, `q4_K`, `tq2_0`, `iq4_xs`, ...; see `ggml_block::GgmlType`).
-    Ggml(ggml_block::GgmlType),
+    /// A GGML block format (`q4_0`, `q4_K`, `tq2_0`, `iq4_xs`, ...; see `ggml::block::GgmlType`).
+    Ggml(ggml::block::GgmlType),
 }
 
 /// Group sizes the INT4 format accepts.
@@ -60,10 +56,10 @@ impl Format {
             "int8" | "q8" => Format::Int8PerChannel,
             other => match other.strip_prefix("int4_g").and_then(|g| g.parse::<usize>().ok()) {
                 Some(group) if INT4_GROUP_SIZES.contains(&group) => Format::Int4Grouped { group },
-                _ => match ggml_block::GgmlType::parse(other) {
+                _ => match ggml::block::GgmlType::parse(other) {
                     Ok(t) if t.block_size() > 1 => Format::Ggml(t),
                     _ => {
-                        let ggml: Vec<String> = ggml_block::GgmlType::ALL
+                        let ggml: Vec<String> = ggml::block::GgmlType::ALL
                             .iter()
                             .filter(|t| t.block_size() > 1)
                             .map(|t| Format::Ggml(*t).name())
@@ -110,7 +106,7 @@ mod tests {
         assert!(matches!(Format::parse("int4_g48"), Err(Error::Unsupported(_))));
         let msg = Format::parse("q3").unwrap_err().to_string();
         assert!(msg.contains("int4_g128") && msg.contains("q4_K"), "{msg}");
-        for t in ggml_block::GgmlType::ALL.iter().filter(|t| t.block_size() > 1) {
+        for t in ggml::block::GgmlType::ALL.iter().filter(|t| t.block_size() > 1) {
             let f = Format::Ggml(*t);
             assert_eq!(Format::parse(&f.name()).unwrap(), f);
             assert_eq!(f.bits_per_weight(2, t.block_size()), t.bits_per_weight());

@@ -12,8 +12,8 @@
 use rayon::prelude::*;
 
 use super::linear::{HalfWeights, Int4Weights, Int8Weights, OutPtr};
-use super::KernelLevel;
 use crate::formats::half_float::convert_to_f32;
+use crate::simd::KernelLevel;
 
 /// Batch size from which the blocked GEMM beats the fused GEMV.
 pub const GEMM_MIN_M: usize = 16;

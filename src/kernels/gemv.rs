@@ -10,7 +10,7 @@
 //! batch 1); this file keeps the AVX2 and portable INT4 loops.
 
 use super::linear::{for_each_row_block, Int4Weights, Int8Weights};
-use super::KernelLevel;
+use crate::simd::KernelLevel;
 
 /// Activation rows per weight decode.
 pub const MR: usize = 4;

@@ -10,11 +10,11 @@ use super::act::Act;
 use super::dot::dot4;
 use super::gemm::{gemm, GEMM_MIN_M};
 use super::gemv::{int4_gemv, int8_gemv};
-use super::KernelLevel;
 use crate::error::{check_len, Result};
 use crate::formats::half_float::{convert_to_f32, HalfKind};
 use crate::formats::int4::{dequantize_row as int4_row, Int4Layout};
 use crate::formats::int8::dequantize_row as int8_row;
+use crate::simd::KernelLevel;
 
 /// Rows of `W` decoded together (matches `dot4`).
 const ROWS: usize = 4;

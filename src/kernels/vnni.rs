@@ -8,7 +8,7 @@
 //! `k` the caller allows, and wrapping arithmetic is exact modulo 2^32.
 //! Without VNNI the tiles widen bytes to i16 and use `vpmaddwd` (exact i32 pair sums).
 
-use super::KernelLevel;
+use crate::simd::KernelLevel;
 
 /// Largest tile: activation rows x weight rows.
 pub const TILE_M: usize = 4;

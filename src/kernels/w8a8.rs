@@ -10,9 +10,9 @@ use rayon::prelude::*;
 use super::act::Act;
 use super::linear::{for_each_row_block, OutPtr, SERIAL_WORK};
 use super::vnni::dot_block;
-use super::{dispatch, KernelLevel};
 use crate::error::{check_len, Error, Result};
 use crate::formats::int8::round_even_small;
+use crate::simd::{dispatch, KernelLevel};
 
 /// Largest `k` the int32 accumulation supports: the true sum `sum xq * (wq - zw)` is bounded by
 /// `128 * 255 * k`, which fits in i32 for k <= 65536 (the SIMD partial sums may wrap; the final

@@ -10,11 +10,11 @@ use pyo3::IntoPyObjectExt;
 
 use super::errors::{detached, to_py};
 use crate::error::Error;
-use crate::formats::ggml_any;
-use crate::formats::ggml_block::{GgmlType, QuantMode};
+use crate::formats::ggml::any as ggml_any;
+use crate::formats::ggml::block::{GgmlType, QuantMode};
 use crate::gguf::writer::TensorData;
 use crate::gguf::{reader, writer, Value, ValueType};
-use crate::kernels::KernelLevel;
+use crate::simd::KernelLevel;
 
 fn ggml_type(name: &str) -> PyResult<GgmlType> {
     GgmlType::parse(name).map_err(to_py)

@@ -18,7 +18,8 @@ use crate::formats::half_float::{self, HalfKind};
 use crate::formats::{int4, int8};
 use crate::kernels::act::Act;
 use crate::kernels::linear::{self, HalfWeights, Int4Weights, Int8Weights};
-use crate::kernels::{w8a8, KernelLevel};
+use crate::kernels::w8a8;
+use crate::simd::KernelLevel;
 use errors::{detached, to_py};
 
 type Int8Out<'py> = (Bound<'py, PyAny>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<i8>>);

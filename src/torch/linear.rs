@@ -10,7 +10,7 @@ use super::tensor_io::{check_cpu_float, dims, f32_tensor, tch_error, to_f32_vec,
 use crate::error::{Error, Result};
 use crate::formats::Format;
 use crate::kernels::linear::{linear, HalfWeights, Int4Weights, Int8Weights};
-use crate::kernels::KernelLevel;
+use crate::simd::KernelLevel;
 
 /// A linear layer `y = x W^T + b` with `W` stored as f16/bf16, INT8 or grouped INT4.
 ///

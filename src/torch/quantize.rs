@@ -9,7 +9,7 @@ use crate::formats::half_float::{self, HalfKind};
 use crate::formats::int4::{self, Int4Layout, Int4Matrix};
 use crate::formats::int8::{self, Int8Matrix};
 use crate::formats::Format;
-use crate::kernels::KernelLevel;
+use crate::simd::KernelLevel;
 
 /// A `[rows, cols]` matrix stored as f16 or bf16 bit patterns (row-major).
 #[derive(Debug, Clone, PartialEq)]

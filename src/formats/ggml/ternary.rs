@@ -9,8 +9,8 @@
 //!
 //! Layouts from ggml-common.h (`block_tq1_0`, `block_tq2_0`) and gguf-py's `TQ1_0`/`TQ2_0`.
 
-use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
-use super::ggml_search::{absmax, levels_sym, pick_sym, search_ternary};
+use super::block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
+use super::search::{absmax, levels_sym, pick_sym, search_ternary};
 
 #[repr(C)]
 pub struct BlockTQ1_0 {

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use crate::error::{check_len, first_non_finite, Error, Result};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::ggml_rtn::{self, LegacyKind};
-use crate::kernels::KernelLevel;
+use crate::formats::ggml::rtn::{self as ggml_rtn, LegacyKind};
+use crate::simd::KernelLevel;
 
 /// Weights per K-quant super-block (`QK_K` in ggml).
 pub const QK_K: usize = 256;
@@ -331,7 +331,7 @@ pub fn quantize<F: BlockFormat>(
 }
 
 /// Round-to-nearest fast path of the 32-weight legacy formats: rows in parallel through the SIMD
-/// row kernels of `kernels::ggml_rtn` (which check for NaN/Inf as they go, so the input is read
+/// row kernels of `formats::ggml::rtn` (which check for NaN/Inf as they go, so the input is read
 /// once), into a huge-page-backed output. Bytes equal `quantize_ref::<F>(.., QuantMode::Rtn)`'s.
 /// `level` must be above `Scalar` (the caller falls back to [`quantize`] otherwise).
 #[cfg(target_arch = "x86_64")]

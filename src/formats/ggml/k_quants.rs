@@ -3,11 +3,11 @@
 //! (`QK_K = 256`); the bit placement below is the one gguf-py's `dequantize_blocks` decodes.
 //!
 //! Quantization: each sub-block gets a weighted least-squares scale (and min) search
-//! (`ggml_search`), the sub-block scales are rounded to their 4/6/8-bit codes, and the weights are
+//! (`search`), the sub-block scales are rounded to their 4/6/8-bit codes, and the weights are
 //! re-rounded against the scales exactly as they will be decoded.
 
-use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
-use super::ggml_search::{error_affine, round_i, search_affine, search_sym};
+use super::block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
+use super::search::{error_affine, round_i, search_affine, search_sym};
 
 #[repr(C)]
 pub struct BlockQ2K {
@@ -105,7 +105,7 @@ fn super_codes<const NS: usize>(v: &[f32; NS], qmax: i32) -> (f32, [i32; NS]) {
 /// largest-magnitude scale to `-half`.
 #[inline(always)]
 fn signed_super_codes<const NS: usize>(v: &[f32; NS], half: i32) -> (f32, [i32; NS]) {
-    let m = super::ggml_search::signed_absmax(v);
+    let m = super::search::signed_absmax(v);
     let d = f16_round(m / -(half as f32));
     let id = inv(d);
     let mut codes = [0i32; NS];

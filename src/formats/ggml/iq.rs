@@ -6,8 +6,8 @@
 //!   bit `2 ib` of `scales_h`): w = d * (ls - 32) * kvalues[q]; sub-block `ib` uses bytes
 //!   `16 ib .. 16 ib + 16` like an IQ4_NL block.
 
-use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
-use super::ggml_search::{error_codebook, nearest_in, round_i, search_codebook, signed_absmax};
+use super::block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
+use super::search::{error_codebook, nearest_in, round_i, search_codebook, signed_absmax};
 
 pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 const KV: [f32; 16] = {

@@ -1,5 +1,5 @@
 //! SIMD row kernels for the round-to-nearest (gguf-py-identical) quantizers of GGML's 32-weight
-//! block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (`formats::gguf_legacy`).
+//! block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (`formats::ggml::legacy`).
 //!
 //! One block (32 weights) is two AVX-512 or four AVX2 vectors. Per block:
 //! * the range: the largest magnitude as an unsigned integer maximum of the sign-cleared bit
@@ -64,15 +64,15 @@ mod imp {
     use std::mem::MaybeUninit;
 
     use super::LegacyKind;
-    use crate::formats::ggml_block::{f32_to_f16, BlockFormat};
-    use crate::formats::ggml_search::signed_absmax;
-    use crate::formats::gguf_legacy as legacy;
+    use crate::formats::ggml::block::{f32_to_f16, BlockFormat};
+    use crate::formats::ggml::legacy;
+    use crate::formats::ggml::search::signed_absmax;
 
     const TRUNC: i32 = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
     const ABS: i32 = 0x7fff_ffff;
     const INF_BITS: u32 = 0x7f80_0000;
 
-    /// gguf-py's reciprocal, as in `gguf_legacy::inv`.
+    /// gguf-py's reciprocal, as in `legacy::inv`.
     #[inline(always)]
     fn inv(d: f32) -> f32 {
         if d == 0.0 {
@@ -561,9 +561,9 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
-    use crate::formats::ggml_any::{quantize, quantize_ref};
-    use crate::formats::ggml_block::{GgmlType, QuantMode};
-    use crate::kernels::KernelLevel;
+    use crate::formats::ggml::any::{quantize, quantize_ref};
+    use crate::formats::ggml::block::{GgmlType, QuantMode};
+    use crate::simd::KernelLevel;
 
     const TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
@@ -655,7 +655,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vcvtps2ph_equals_f32_to_f16() {
-        use crate::formats::ggml_block::f32_to_f16;
+        use crate::formats::ggml::block::f32_to_f16;
         use std::arch::x86_64::*;
         if !KernelLevel::Avx512.supported() {
             return;

@@ -10,8 +10,8 @@
 //! `quantize_block_rtn` reproduces gguf-py's numpy quantizers operation by operation (same f32
 //! divisions, truncations and half-away-from-zero rounding), hence the same bytes.
 
-use super::ggml_block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType};
-use super::ggml_search::{
+use super::block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType};
+use super::search::{
     absmax, levels_affine, levels_sym, min_max, pick_affine, pick_sym, round_i, search_affine, search_sym,
     signed_absmax,
 };

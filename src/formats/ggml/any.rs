@@ -1,10 +1,10 @@
 //! The float "block" formats (F32, F16, BF16: blocks of one weight) and the run-time dispatch from
 //! a [`GgmlType`] value to its [`BlockFormat`] implementation.
 
-use super::ggml_block::{self as gb, BlockFormat, GgmlType, QuantMode};
-use super::{gguf_legacy as legacy, gguf_ternary as ternary, iq, k_quants as kq};
+use super::block::{self as gb, BlockFormat, GgmlType, QuantMode};
+use super::{iq, k_quants as kq, legacy, ternary};
 use crate::error::Result;
-use crate::kernels::KernelLevel;
+use crate::simd::KernelLevel;
 
 pub struct F32;
 impl BlockFormat for F32 {
@@ -162,7 +162,7 @@ pub fn quantize(
 ) -> Result<Vec<u8>> {
     #[cfg(target_arch = "x86_64")]
     if mode == QuantMode::Rtn && level != KernelLevel::Scalar {
-        use crate::kernels::ggml_rtn::LegacyKind as K;
+        use crate::formats::ggml::rtn::LegacyKind as K;
         let fast = match t {
             GgmlType::Q4_0 => Some(gb::quantize_legacy_rtn::<legacy::Q4_0>(K::Q4_0, x, rows, cols, level)),
             GgmlType::Q4_1 => Some(gb::quantize_legacy_rtn::<legacy::Q4_1>(K::Q4_1, x, rows, cols, level)),
