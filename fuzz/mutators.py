@@ -197,6 +197,12 @@ JSON_INTERESTING: List[Any] = [0, 1, -1, 2, 3, 4, 8, 16, 32, 64, 128, 255, 256, 
                                "dynamic", "F16", "F32", "I8", "U8", "I64", "BOOL", "F8_E4M3"]
 
 
+def _interesting(rng: random.Random, extra: Sequence[Any] = ()) -> Any:
+    """A copy of one interesting value: the lists and dicts among them must not be shared, or a
+    later mutation of the inserted node would change the table (and so every case after it)."""
+    return copy.deepcopy(rng.choice(list(JSON_INTERESTING) + list(extra)))
+
+
 def _paths(obj: Any, prefix=()) -> List[tuple]:
     out = [prefix]
     if isinstance(obj, dict):
@@ -221,13 +227,13 @@ def mutate_json(rng: random.Random, obj: Any, extra: Sequence[Any] = ()) -> Any:
     for _ in range(rng.choice([1, 1, 2, 3])):
         paths = [p for p in _paths(obj) if p]
         if not paths:
-            return rng.choice(JSON_INTERESTING)
+            return _interesting(rng)
         path = rng.choice(paths)
         parent, key = _at(obj, path[:-1]), path[-1]
         old = parent[key]
         op = rng.randrange(7)
         if op == 0:
-            parent[key] = rng.choice(list(JSON_INTERESTING) + list(extra))
+            parent[key] = _interesting(rng, extra)
         elif op == 1:
             del parent[key]
         elif op == 2 and isinstance(parent, dict):
@@ -249,7 +255,7 @@ def mutate_json(rng: random.Random, obj: Any, extra: Sequence[Any] = ()) -> Any:
             else:
                 old.append(rng.choice([0, 1, -1, 2**62, "1", None]))
         elif op == 5 and isinstance(old, dict):
-            old[rng.choice(["extra", "_", "format", "dtype", "shape"])] = rng.choice(JSON_INTERESTING)
+            old[rng.choice(["extra", "_", "format", "dtype", "shape"])] = _interesting(rng)
         else:  # swap two values of the same parent
             if isinstance(parent, list) and len(parent) > 1:
                 i, j = rng.sample(range(len(parent)), 2)
@@ -293,7 +299,7 @@ def _mutate_entry(rng: random.Random, e: Any, data_len: int) -> None:
     elif field == "delete" and e:
         del e[rng.choice(list(e))]
     else:
-        e[rng.choice(["extra", "dtype_", "offsets"])] = rng.choice(JSON_INTERESTING)
+        e[rng.choice(["extra", "dtype_", "offsets"])] = _interesting(rng)
 
 
 def mutate_safetensors(rng: random.Random, data: bytes) -> bytes:

@@ -34,6 +34,32 @@ def test_cases_are_deterministic():
     assert len(set(a)) > 25  # and they differ from each other
 
 
+def test_mutations_leave_the_table_of_interesting_values_alone():
+    """The JSON mutator once inserted the table's own lists and dicts and later mutated them in
+    place: case i then depended on the cases before it (and the table once grew into a cycle)."""
+    import copy
+    import math
+
+    import mutators
+
+    def same(a, b):  # == with NaN equal to itself
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return True
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a == b
+
+    before = copy.deepcopy(mutators.JSON_INTERESTING)
+    rng = random.Random(3)
+    obj = {"format": "x", "layers": {"a": {"in_features": 4, "dims": [1, 2]}, "b": [[], {}]}}
+    for _ in range(20000):
+        obj = mutators.mutate_json(rng, obj) if isinstance(obj, (dict, list)) and rng.random() < 0.9 else \
+            {"layers": {"a": [1, {"b": 2}]}}
+    assert same(mutators.JSON_INTERESTING, before)
+
+
 def test_gguf_field_locator_finds_every_header_field():
     data = build([("k", (9, 5), [1, 2]), ("s", (8,), "v")], [("t", (4, 2), 0, b"\0" * 32)])
     kinds = [f.kind for f in fields(data)]
