@@ -3,7 +3,7 @@
 The same quantity llama.cpp's ``llama-imatrix`` computes, saved in both of its file formats so
 files move between this project and llama.cpp in either direction. For Hugging Face
 Llama/Mistral/Qwen2 models the file uses llama.cpp's tensor names (``blk.0.attn_q.weight``, via
-``export.gguf_export.gguf_tensor_name``); for other models, module names.
+``arch.gguf_tensor_name``); for other models, module names.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 import numpy as np
 from torch import nn
 
+from ..arch import detect, gguf_tensor_name
 from ..errors import ConfigError
 from ..gguf.imatrix import ImatrixEntry, ImatrixFile, read_imatrix, write_imatrix
 from .collect import collect_stats, linear_names
@@ -22,20 +23,9 @@ from .dataset import as_calibration
 PathLike = Union[str, os.PathLike]
 
 
-def _is_llama_family(model: Optional[nn.Module]) -> bool:
-    from ..export.gguf_export import ARCHITECTURES
-
-    if model is None or getattr(model, "config", None) is None:
-        return False
-    archs = [type(model).__name__] + list(getattr(model.config, "architectures", None) or [])
-    return any(a in ARCHITECTURES for a in archs)
-
-
 def file_name(module_name: str, model: Optional[nn.Module]) -> str:
     """The name a layer's entry gets in an imatrix file."""
-    if _is_llama_family(model):
-        from ..export.gguf_export import gguf_tensor_name
-
+    if detect(model) is not None:
         g = gguf_tensor_name(module_name + ".weight")
         if g is not None:
             return g

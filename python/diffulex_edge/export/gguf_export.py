@@ -16,42 +16,13 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from .._progress import progress
+from ..arch import ARCHITECTURES, detect, gguf_tensor_name
 from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize
 from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
 
 log = logging.getLogger(__name__)
-
-#: HF architecture class -> (GGUF architecture, permute Q/K)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
-
-_LAYER_MAP = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_tensor_name(hf_name: str) -> Optional[str]:
-    """HF parameter name -> llama.cpp tensor name (None for buffers llama.cpp does not use)."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
-        module, kind = ".".join(parts[3:-1]), parts[-1]
-        if module in _LAYER_MAP and kind in ("weight", "bias"):
-            return f"blk.{int(parts[2])}.{_LAYER_MAP[module]}.{kind}"
-    return None
-
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: Optional[int] = None) -> np.ndarray:
     """HF rotary layout (halves) -> GGUF (interleaved pairs), as convert_hf_to_gguf's `permute`."""
@@ -75,12 +46,10 @@ def load_gguf_weights(model, path: Union[str, os.PathLike]):
 
     from ..gguf import GGUFFile
 
-    cls = type(model).__name__
-    archs = getattr(getattr(model, "config", None), "architectures", None) or [cls]
-    hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
-    if hf_arch is None or getattr(model, "config", None) is None:
-        raise UnsupportedFormatError(f"load_gguf_weights supports {', '.join(ARCHITECTURES)}; got {cls}")
-    arch, permute = ARCHITECTURES[hf_arch]
+    found = detect(model)
+    if found is None:
+        raise UnsupportedFormatError(f"load_gguf_weights supports {', '.join(ARCHITECTURES)}; got {type(model).__name__}")
+    arch, permute = found.gguf, found.permute_qk
     f = GGUFFile.read(path)
     if f.metadata.get("general.architecture") != arch:
         raise ConfigError(f"{os.fspath(path)} holds a {f.metadata.get('general.architecture')!r} model, not {arch!r}")
@@ -314,9 +283,8 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     cls = type(model).__name__
     if getattr(model, "config", None) is None:
         raise UnsupportedFormatError(f"export_gguf needs a Hugging Face model with a .config; got {cls}")
-    archs = getattr(model.config, "architectures", None) or [cls]
-    hf_arch = cls if cls in ARCHITECTURES else next((a for a in archs if a in ARCHITECTURES), None)
-    if hf_arch is None:
+    found = detect(model)
+    if found is None:
         raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
     from ..quant.nn import QuantizedLinear
 
@@ -333,7 +301,7 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     quant = quant.upper()
     if quant not in MIXES:
         raise ConfigError(f"unknown quantization {quant!r}; supported: {', '.join(MIXES)}")
-    arch, permute = ARCHITECTURES[hf_arch]
+    arch, permute = found.gguf, found.permute_qk
     cfg = model.config
     n_head = cfg.num_attention_heads
     n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
