@@ -366,3 +366,31 @@ def test_bare_tokenizers_tokenizer_gives_the_same_vocabulary():
                          "tokenizer.ggml.token_type"}
     for k, v in bare.items():
         assert wrapped[k] == v, k
+
+
+def test_plan_then_write_is_export_and_plans_can_be_edited(tmp_path):
+    from diffulex_edge.errors import ShapeError
+    from diffulex_edge.export import plan_gguf, write_gguf
+
+    model = tiny_llama()
+    a, b, c = (tmp_path / n for n in ("a.gguf", "b.gguf", "c.gguf"))
+    report = export_gguf(model, a, quant="Q4_K_M")
+    plan = plan_gguf(model, "q4_k_m")
+    assert [(p.gguf_name, p.ggml_type) for p in plan.tensors] == [(t.name, t.ggml_type) for t in report.tensors]
+    assert plan.nbytes == sum(t.nbytes for t in report.tensors)  # the plan knows the size before encoding
+    assert "Q4_K" in repr(plan) and sum(plan.type_counts().values()) == len(plan.tensors)
+    write_gguf(plan, b)
+    assert a.read_bytes() == b.read_bytes()
+    # a hand-edited plan: one tensor in Q8_0 instead
+    i = next(i for i, p in enumerate(plan.tensors) if p.gguf_name == "blk.0.ffn_down.weight")
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q8_0", reason="by hand")
+    edited = write_gguf(plan, c)
+    assert GGUFFile.read(c).tensors["blk.0.ffn_down.weight"].ggml_type == "Q8_0"
+    assert [t.reason for t in edited.tensors if t.name == "blk.0.ffn_down.weight"] == ["by hand"]
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q9_9")
+    with pytest.raises(ConfigError, match="Q9_9"):
+        write_gguf(plan, tmp_path / "d.gguf")
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q4_K", shape=(4, 100))
+    with pytest.raises(ShapeError, match="multiple of 256"):
+        write_gguf(plan, tmp_path / "d.gguf")
+    assert not (tmp_path / "d.gguf").exists()

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._progress import progress
 from ..arch import ARCHITECTURES, detect, gguf_tensor_name
-from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
+from ..errors import ConfigError, QuantizationError, ShapeError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize
 from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
@@ -267,7 +267,8 @@ def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[n
 def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
                 imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
                 name: Optional[str] = None, mode: str = "search", show_progress: Optional[bool] = None) -> ExportReport:
-    """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF.
+    """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF:
+    ``write_gguf(plan_gguf(model, ...), path, ...)``.
 
     quant: a llama.cpp mix (`Q4_K_M`, `Q4_K_S`, `Q5_K_M`, `Q6_K`, `Q8_0`, `Q2_K`, `Q3_K_M`, `IQ4_XS`,
     `TQ1_0`, `TQ2_0`, ... see `MIXES`). imatrix: per-column importances keyed by GGUF or HF tensor
@@ -280,6 +281,70 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     end; on any error (or Ctrl-C) the temporary file is deleted and an existing file at `path` is
     left as it was.
     """
+    return write_gguf(plan_gguf(model, quant, imatrix=imatrix, tokenizer=tokenizer, overrides=overrides, name=name),
+                      path, mode=mode, show_progress=show_progress)
+
+
+class PlannedTensor(NamedTuple):
+    """One tensor of an export: its source (None: computed, e.g. rope factors), GGUF name and
+    shape, the chosen type and why, and its importance vector if an imatrix covers it."""
+
+    hf_name: Optional[str]
+    gguf_name: str
+    shape: Tuple[int, ...]
+    ggml_type: str
+    reason: str
+    imatrix: Optional[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded tensor in the file."""
+        info = GGML_TYPES[self.ggml_type]
+        n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return n // info.block_size * info.type_size
+
+
+@dataclass
+class ExportPlan:
+    """Everything :func:`write_gguf` will write, decided before any tensor is encoded: the
+    metadata and, per tensor, its GGUF name, shape, type and the reason for that type (from
+    :func:`plan_gguf`). Inspect it (``tensors``, ``nbytes``, ``type_counts()``) or change a
+    tensor's type (``plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q8_0", reason="mine")``)
+    before writing."""
+
+    quant: str
+    arch: str
+    metadata: List[Tuple[str, Any, Any]]
+    tensors: List[PlannedTensor]
+    # how to produce each tensor's float data: the model's state dict, Q/K permutation, rope factors
+    _state: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    _heads: Tuple[int, int] = field(repr=False, default=(1, 1))
+    _permute: bool = field(repr=False, default=False)
+    _rope_factors: Optional[np.ndarray] = field(repr=False, default=None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the file will hold (without the header and alignment padding)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def type_counts(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
+        return counts
+
+    def __repr__(self) -> str:
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(self.type_counts().items()))
+        return (f"ExportPlan({self.arch} {self.quant}: {len(self.tensors)} tensors, "
+                f"{self.nbytes / 2**20:.2f} MiB of data; {types})")
+
+
+def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None,
+              tokenizer=None, overrides: Overrides = None, name: Optional[str] = None) -> ExportPlan:
+    """Decide what :func:`export_gguf` would write for `model`, without encoding anything: the
+    metadata and each tensor's GGUF name, shape and type (with the rule that chose it). Checks
+    everything that can be checked before the work starts (architecture, mix, imatrix shapes,
+    tensors llama.cpp requires). Arguments as :func:`export_gguf`."""
     cls = type(model).__name__
     if getattr(model, "config", None) is None:
         raise UnsupportedFormatError(f"export_gguf needs a Hugging Face model with a .config; got {cls}")
@@ -301,7 +366,7 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     quant = quant.upper()
     if quant not in MIXES:
         raise ConfigError(f"unknown quantization {quant!r}; supported: {', '.join(MIXES)}")
-    arch, permute = found.gguf, found.permute_qk
+    arch = found.gguf
     cfg = model.config
     n_head = cfg.num_attention_heads
     n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
@@ -314,23 +379,20 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
                      has_imatrix=imatrix is not None)
     rules = compile_overrides(overrides)
 
-    w = GGUFWriter(path)
-    w.add("general.architecture", arch)
-    w.add("general.name", name or getattr(cfg, "_name_or_path", "") or arch)
-    for k, v, t in _hparams(model, arch):
-        w.add(k, v, t)
-    w.add("general.file_type", MIXES[quant][1], ValueType.UINT32)
-    w.add("general.quantization_version", 2, ValueType.UINT32)
+    metadata: List[Tuple[str, Any, Any]] = [("general.architecture", arch, None),
+                                            ("general.name", name or getattr(cfg, "_name_or_path", "") or arch, None)]
+    metadata += list(_hparams(model, arch))
+    metadata += [("general.file_type", MIXES[quant][1], ValueType.UINT32),
+                 ("general.quantization_version", 2, ValueType.UINT32)]
     if tokenizer is not None:
         from .gguf_tokenizer import tokenizer_metadata
 
-        for k, v, t in tokenizer_metadata(tokenizer, int(cfg.vocab_size)):
-            w.add(k, v, t)
+        metadata += list(tokenizer_metadata(tokenizer, int(cfg.vocab_size)))
 
-    # Plan every tensor (name, shape, type) first: the header announces them all, bad imatrix
+    # Every tensor (name, shape, type) is planned first: the header announces them all, bad imatrix
     # entries fail before any work, and the data is then streamed one tensor at a time, so peak
     # memory is the model plus one float32 copy and one encoded tensor.
-    plan: List[_Planned] = []
+    tensors: List[PlannedTensor] = []
     unmapped = []
     for hf_name, tensor in state.items():
         gname = gguf_tensor_name(hf_name)
@@ -342,24 +404,44 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
         shape = tuple(int(d) for d in tensor.shape)
         t, why = choose_type(gname, shape, ctx, rules)
         imp = _imatrix_for(imatrix, gname, hf_name, shape[-1]) if len(shape) >= 2 else None
-        plan.append(_Planned(hf_name, gname, shape, t, why, imp))
-    _check_complete({p.gguf_name for p in plan}, int(cfg.num_hidden_layers), unmapped)
+        tensors.append(PlannedTensor(hf_name, gname, shape, t, why, imp))
+    _check_complete({p.gguf_name for p in tensors}, int(cfg.num_hidden_layers), unmapped)
     rope_factors = _rope_freq_factors(cfg)
     if rope_factors is not None:
         # llama.cpp divides each rotary frequency by these (F32, as its converter writes them)
-        plan.append(_Planned(None, "rope_freqs.weight", rope_factors.shape, "F32", "llama3 rope scaling factors", None))
+        tensors.append(PlannedTensor(None, "rope_freqs.weight", rope_factors.shape, "F32", "llama3 rope scaling factors",
+                                     None))
+    return ExportPlan(quant, arch, metadata, tensors, state, (n_head, n_kv), found.permute_qk, rope_factors)
 
-    report = ExportReport(os.fspath(path), quant)
-    log.info("export_gguf: %d tensors as %s -> %s", len(plan), quant, report.path)
-    with w.stream([(p.gguf_name, p.shape, p.ggml_type) for p in plan]) as out:
-        for hf_name, gname, shape, t, why, imp in progress(plan, f"GGUF {quant}", show_progress, unit="tensor"):
+
+def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "search",
+               show_progress: Optional[bool] = None) -> ExportReport:
+    """Encode and write the tensors of `plan` (from :func:`plan_gguf`) to `path`, one at a time,
+    into a temporary file renamed into place at the end. `mode` and `show_progress` as in
+    :func:`export_gguf`."""
+    if not isinstance(plan, ExportPlan):
+        raise ConfigError(f"write_gguf takes the ExportPlan of plan_gguf, got {type(plan).__name__}")
+    for p in plan.tensors:  # a plan edited by hand: every type must exist and fit the shape
+        if p.ggml_type not in GGML_TYPES:
+            raise ConfigError(f"unknown GGML type {p.ggml_type!r}; supported: {', '.join(GGML_TYPES)}", layer=p.gguf_name)
+        if p.shape and p.shape[-1] % GGML_TYPES[p.ggml_type].block_size:
+            raise ShapeError(f"{p.ggml_type} needs rows that are a multiple of {GGML_TYPES[p.ggml_type].block_size}; "
+                             f"{p.gguf_name} has {p.shape[-1]}", layer=p.gguf_name)
+    w = GGUFWriter(path)
+    for k, v, t in plan.metadata:
+        w.add(k, v, t)
+    n_head, n_kv = plan._heads
+    report = ExportReport(os.fspath(path), plan.quant)
+    log.info("export_gguf: %d tensors as %s -> %s", len(plan.tensors), plan.quant, report.path)
+    with w.stream([(p.gguf_name, p.shape, p.ggml_type) for p in plan.tensors]) as out:
+        for hf_name, gname, shape, t, why, imp in progress(plan.tensors, f"GGUF {plan.quant}", show_progress, unit="tensor"):
             if hf_name is None:
-                a = rope_factors
+                a = plan._rope_factors
             else:
-                a = state[hf_name].detach().to("cpu").float().numpy()
-                if permute and gname.endswith("attn_q.weight"):
+                a = plan._state[hf_name].detach().to("cpu").float().numpy()
+                if plan._permute and gname.endswith("attn_q.weight"):
                     a = permute_qk(a, n_head, n_head)
-                elif permute and gname.endswith("attn_k.weight"):
+                elif plan._permute and gname.endswith("attn_k.weight"):
                     a = permute_qk(a, n_head, n_kv)
             a = np.ascontiguousarray(a, dtype=np.float32)
             qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
@@ -371,18 +453,6 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
-
-
-class _Planned(NamedTuple):
-    """One tensor of an export: its source (None: computed, e.g. rope factors), GGUF name and
-    shape, the chosen type and why, and its importance vector if an imatrix covers it."""
-
-    hf_name: Optional[str]
-    gguf_name: str
-    shape: Tuple[int, ...]
-    ggml_type: str
-    reason: str
-    imatrix: Optional[np.ndarray]
 
 
 _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -402,5 +472,5 @@ def _check_complete(names, n_layers: int, unmapped: List[str]) -> None:
             "Merge adapters / unwrap modules so the parameters have their Hugging Face names")
 
 
-__all__ = ["ARCHITECTURES", "ExportReport", "TensorReport", "export_gguf", "gguf_tensor_name", "load_gguf_weights",
-           "permute_qk", "unpermute_qk"]
+__all__ = ["ARCHITECTURES", "ExportPlan", "ExportReport", "PlannedTensor", "TensorReport", "export_gguf",
+           "gguf_tensor_name", "load_gguf_weights", "permute_qk", "plan_gguf", "unpermute_qk", "write_gguf"]
