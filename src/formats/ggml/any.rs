@@ -4,6 +4,7 @@
 use super::block::{self as gb, BlockFormat, GgmlType, QuantMode};
 use super::{iq, k_quants as kq, legacy, ternary};
 use crate::error::Result;
+use crate::formats::half_float::f32_to_bf16_bits;
 use crate::simd::KernelLevel;
 
 pub struct F32;
@@ -44,17 +45,6 @@ impl BlockFormat for F16 {
     }
 }
 
-/// f32 -> bf16 as ggml's `ggml_compute_fp32_to_bf16` (and gguf-py): NaNs are quieted, everything
-/// else rounds to nearest even.
-#[inline(always)]
-pub fn bf16_bits(x: f32) -> u16 {
-    let n = x.to_bits();
-    if n & 0x7fff_ffff > 0x7f80_0000 {
-        return ((n >> 16) | 64) as u16;
-    }
-    ((n as u64 + (0x7fff + ((n >> 16) & 1)) as u64) >> 16) as u16
-}
-
 pub struct BF16;
 impl BlockFormat for BF16 {
     const TYPE: GgmlType = GgmlType::BF16;
@@ -62,7 +52,7 @@ impl BlockFormat for BF16 {
     const BYTES: usize = 2;
     #[inline(always)]
     fn quantize_block(x: &[f32], _imp: Option<&[f32]>, out: &mut [u8]) {
-        out[..2].copy_from_slice(&bf16_bits(x[0]).to_le_bytes());
+        out[..2].copy_from_slice(&f32_to_bf16_bits(x[0]).to_le_bytes());
     }
     #[inline(always)]
     fn quantize_block_rtn(x: &[f32], out: &mut [u8]) {

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use crate::error::{check_len, first_non_finite, Error, Result};
 #[cfg(target_arch = "x86_64")]
 use crate::formats::ggml::rtn::{self as ggml_rtn, LegacyKind};
+use crate::formats::half_float::f32_to_f16_bits;
 use crate::simd::KernelLevel;
 
 /// Weights per K-quant super-block (`QK_K` in ggml).
@@ -405,48 +406,10 @@ pub fn dequantize_into<F: BlockFormat>(b: &[u8], out: &mut [f32], level: KernelL
     Ok(())
 }
 
-/// `f32 -> f16` bits, round to nearest even (IEEE 754; what numpy's `astype(np.float16)` does).
-/// Written out in integer operations so it inlines into the block loops (no run-time CPU-feature
-/// check per call); tested against the `half` crate over a dense sample of all f32 bit patterns.
-#[inline(always)]
-pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let a = b & 0x7fff_ffff;
-    if a >= 0x7f80_0000 {
-        // Inf stays Inf; NaN stays a (quiet) NaN keeping the top payload bits
-        let nan = if a > 0x7f80_0000 { 0x0200 | ((a >> 13) & 0x03ff) as u16 } else { 0 };
-        return sign | 0x7c00 | nan;
-    }
-    if a >= 0x4780_0000 {
-        return sign | 0x7c00; // >= 65536: overflow
-    }
-    if a >= 0x3880_0000 {
-        // normal: rebias the exponent (127 -> 15), round the 13 dropped bits to nearest even;
-        // a carry out of the mantissa correctly bumps the exponent (up to Inf for >= 65520)
-        let m = a - 0x3800_0000;
-        return sign | ((m + 0x0fff + ((m >> 13) & 1)) >> 13) as u16;
-    }
-    if a < 0x3300_0000 {
-        return sign; // below half the smallest subnormal (2^-25): rounds to zero
-    }
-    // subnormal: value = mant * 2^(e - 150) = m16 * 2^-24  =>  m16 = mant >> (126 - e), rounded
-    let e = a >> 23;
-    let mant = (a & 0x007f_ffff) | 0x0080_0000;
-    let s = 126 - e;
-    let half = 1u32 << (s - 1);
-    let rem = mant & ((1u32 << s) - 1);
-    let mut r = mant >> s;
-    if rem > half || (rem == half && (r & 1) == 1) {
-        r += 1;
-    }
-    sign | r as u16
-}
-
 /// `f32 -> f16` little-endian bytes.
 #[inline(always)]
 pub fn f16_bits(x: f32) -> [u8; 2] {
-    f32_to_f16(x).to_le_bytes()
+    f32_to_f16_bits(x).to_le_bytes()
 }
 
 #[inline(always)]
@@ -457,46 +420,5 @@ pub fn f16_val(b: [u8; 2]) -> f32 {
 /// Round an f32 to the nearest f16 and back (the value a stored scale will have).
 #[inline(always)]
 pub fn f16_round(x: f32) -> f32 {
-    half::f16::from_bits(f32_to_f16(x)).to_f32()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f32_to_f16_matches_half_crate() {
-        let check = |b: u32| {
-            let x = f32::from_bits(b);
-            let (ours, theirs) = (f32_to_f16(x), half::f16::from_f32(x).to_bits());
-            if x.is_nan() {
-                assert!(half::f16::from_bits(ours).is_nan(), "{b:#x}");
-            } else {
-                assert_eq!(ours, theirs, "{b:#x} ({x})");
-            }
-        };
-        // every pattern in the interesting exponent range (subnormal/normal f16, both signs), with
-        // a stride elsewhere
-        for b in (0x3200_0000u32..0x4800_0000).step_by(3) {
-            check(b);
-            check(b | 0x8000_0000);
-        }
-        for b in (0..=u32::MAX).step_by(9973) {
-            check(b);
-        }
-        for b in [
-            0,
-            0x8000_0000,
-            0x3300_0000,
-            0x3300_0001,
-            0x477f_f000,
-            0x477f_efff,
-            0x7f80_0000,
-            0x7fc0_0000,
-            0x3880_0000,
-            0x387f_ffff,
-        ] {
-            check(b);
-        }
-    }
+    half::f16::from_bits(f32_to_f16_bits(x)).to_f32()
 }

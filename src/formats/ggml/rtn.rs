@@ -64,9 +64,10 @@ mod imp {
     use std::mem::MaybeUninit;
 
     use super::LegacyKind;
-    use crate::formats::ggml::block::{f32_to_f16, BlockFormat};
+    use crate::formats::ggml::block::BlockFormat;
     use crate::formats::ggml::legacy;
     use crate::formats::ggml::search::signed_absmax;
+    use crate::formats::half_float::f32_to_f16_bits as f32_to_f16;
 
     const TRUNC: i32 = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
     const ABS: i32 = 0x7fff_ffff;
@@ -655,7 +656,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vcvtps2ph_equals_f32_to_f16() {
-        use crate::formats::ggml::block::f32_to_f16;
+        use crate::formats::half_float::f32_to_f16_bits as f32_to_f16;
         use std::arch::x86_64::*;
         if !KernelLevel::Avx512.supported() {
             return;
