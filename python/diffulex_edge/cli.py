@@ -48,12 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model folder and save it",
                        description="Quantize every nn.Linear of MODEL_DIR and write OUT (quantized.safetensors, "
                        "config and tokenizer files, quantization.json).",
-                       epilog="example:\n  diffulex-quant quantize MODEL_DIR --dtype int4 --group-size 32 -o OUT",
+                       epilog="examples:\n  diffulex-quant quantize MODEL_DIR --scheme int4-g32 -o OUT\n"
+                       "  diffulex-quant quantize MODEL_DIR --dtype int4 --group-size 32 -o OUT",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder")
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must differ from MODEL_DIR)")
     # defaults are applied after --config is read (see _QUANTIZE_DEFAULTS): a flag given on the
     # command line overrides the file, even when it names the default value
+    q.add_argument("--scheme", default=None, metavar="NAME",
+                   help="a scheme name, as compare --schemes takes: fp16, bf16, int8, w8a8-dynamic, w8a8-static, "
+                   "int4-g32 ... int4-g256, optionally -sym/-asym (instead of --dtype/--group-size/--mode)")
     q.add_argument("--dtype", default=None, choices=["fp16", "bf16", "int8", "int4"], help="weight format (default int8)")
     q.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256], help="INT4 group length (default 128)")
     q.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
@@ -143,6 +147,11 @@ def _cmd_quantize(a) -> int:
     _need_file(a.calibration, "calibration text")
     base = QuantizationConfig.from_yaml(a.config).to_dict() if a.config else {}
     given = {k: v for k, v in {"dtype": a.dtype, "group_size": a.group_size, "mode": a.mode}.items() if v is not None}
+    if a.scheme is not None:
+        if given:
+            raise ValueError(f"--scheme names the format; leave out --{'/--'.join(k.replace('_', '-') for k in given)}")
+        scheme = QuantizationConfig.from_scheme(a.scheme).to_dict()
+        given = {k: scheme[k] for k in ("dtype", "group_size", "mode", "symmetric") if scheme[k] is not None}
     # precedence: flags given on the command line, then the YAML file, then the CLI's defaults
     merged = {**_QUANTIZE_DEFAULTS, **base, **given}
     merged["exclude_layers"] = list(base.get("exclude_layers") or []) + a.exclude

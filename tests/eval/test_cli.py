@@ -86,6 +86,16 @@ def test_quantize_static_and_yaml(hf_model_dir, tmp_path, text_file, capsys):
                      str(tmp_path / "z")]) == 0
     info = json.loads((tmp_path / "z" / "quantization.json").read_text())
     assert info["config"]["dtype"] == "int8"
+    # --scheme: the grammar of compare --schemes; it too overrides the file
+    assert cli.main(["quantize", str(hf_model_dir), "--config", str(cfg), "--scheme", "int4-g32-sym", "-o",
+                     str(tmp_path / "w")]) == 0
+    info = json.loads((tmp_path / "w" / "quantization.json").read_text())
+    assert (info["config"]["dtype"], info["config"]["group_size"], info["config"]["symmetric"]) == ("int4", 32, True)
+    assert cli.main(["quantize", str(hf_model_dir), "--scheme", "int4-g32", "--dtype", "int8", "-o",
+                     str(tmp_path / "v")]) == 2
+    assert "leave out --dtype" in capsys.readouterr().err
+    assert cli.main(["quantize", str(hf_model_dir), "--scheme", "nf5", "-o", str(tmp_path / "v")]) == 2
+    assert "unknown scheme 'nf5'" in capsys.readouterr().err
     assert cli.main(["quantize", str(hf_model_dir), "-o", str(hf_model_dir)]) == 2
     assert "must differ" in capsys.readouterr().err
 

@@ -228,3 +228,21 @@ def test_to_dict_is_plain_data():
     d = QuantizationConfig(dtype="int8", mode="static").to_dict()
     assert d["dtype"] == "int8" and type(d["dtype"]) is str
     assert list(d) == QuantizationConfig.field_names()
+
+
+@pytest.mark.parametrize("name,want", [
+    ("fp16", dict(dtype="fp16")), ("BF16", dict(dtype="bf16")), ("int8", dict(dtype="int8", mode="weight_only")),
+    ("int8-asym", dict(dtype="int8", symmetric=False)), ("w8a8", dict(dtype="int8", mode="dynamic")),
+    ("w8a8-static", dict(dtype="int8", mode="static")), ("int4-g32", dict(dtype="int4", group_size=32, symmetric=None)),
+    ("int4-g256-sym", dict(dtype="int4", group_size=256, symmetric=True)),
+])
+def test_from_scheme(name, want):
+    cfg = QuantizationConfig.from_scheme(name, exclude_layers=["lm_head"])
+    got = cfg.to_dict()
+    assert {k: got[k] for k in want} == want and cfg.exclude_layers == ["lm_head"]
+
+
+@pytest.mark.parametrize("bad", ["fp32", "int3", "int4-g48", "int4", "nf4-g32", 5, "int8 -sym"])
+def test_from_scheme_rejects(bad):
+    with pytest.raises(ConfigError, match="group_size|unknown scheme"):
+        QuantizationConfig.from_scheme(bad)

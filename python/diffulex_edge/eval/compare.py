@@ -4,7 +4,6 @@ size, perplexity, agreement with the original, and CPU latency."""
 from __future__ import annotations
 
 import platform
-import re
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,7 +19,6 @@ from .report import BenchmarkReport, SchemeResult
 DEFAULT_SCHEMES = ("fp32", "fp16", "int8", "w8a8-dynamic", "int4-g128", "int4-g32")
 
 SchemeLike = Union[str, QuantizationConfig, Tuple[str, Optional[QuantizationConfig]]]
-_SCHEME_RE = re.compile(r"^(fp32|fp16|bf16|int8|w8a8(?:-(dynamic|static))?|int4-g(\d+))(-(sym|asym))?$")
 
 
 def parse_scheme(scheme: SchemeLike, exclude_layers: Sequence[str] = ()) -> Tuple[str, Optional[QuantizationConfig]]:
@@ -35,24 +33,13 @@ def parse_scheme(scheme: SchemeLike, exclude_layers: Sequence[str] = ()) -> Tupl
         if scheme.mode != "weight_only":
             label = f"w8a8-{scheme.mode}"
         return label, scheme
-    m = _SCHEME_RE.match(str(scheme).strip().lower())
-    if not m:
-        raise ConfigError(
-            f"unknown scheme {scheme!r}; use fp32, fp16, bf16, int8, w8a8-dynamic, w8a8-static or int4-g32/64/128/256 "
-            "(optionally with -sym or -asym), or pass a QuantizationConfig"
-        )
-    name, w8mode, group, _, sym = m.groups()
-    label = m.group(0)
-    kw = {"exclude_layers": list(exclude_layers)}
-    if sym is not None:
-        kw["symmetric"] = sym == "sym"
-    if name == "fp32":
+    label = str(scheme).strip().lower()
+    if label == "fp32":
         return label, None
-    if name in ("fp16", "bf16", "int8"):
-        return label, QuantizationConfig(dtype=name, **kw)
-    if name.startswith("w8a8"):
-        return label, QuantizationConfig(dtype="int8", mode=w8mode or "dynamic", **kw)
-    return label, QuantizationConfig(dtype="int4", group_size=int(group), **kw)
+    try:
+        return label, QuantizationConfig.from_scheme(label, exclude_layers=list(exclude_layers))
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or fp32 (the unquantized reference), or pass a QuantizationConfig") from None
 
 
 def _calibration_batches(calibration: Any, tokenizer: Any, seq_len: int, n: int = 16) -> Optional[List[Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -15,6 +16,11 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 MODES = ("weight_only", "dynamic", "static")
 ON_INDIVISIBLE = ("error", "skip", "pad")
 KERNELS = ("auto", "scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni")
+
+#: Scheme names (:meth:`QuantizationConfig.from_scheme`); ``fp32`` is the unquantized reference,
+#: which only comparisons use.
+_SCHEME_RE = re.compile(r"^(fp32|fp16|bf16|int8|w8a8(?:-(dynamic|static))?|int4-g(\d+))(-(sym|asym))?$")
+SCHEME_HELP = "fp16, bf16, int8, w8a8-dynamic, w8a8-static or int4-g32/64/128/256 (optionally with -sym or -asym)"
 #: Activation-range observers of mode="static" (see diffulex_edge.calib).
 OBSERVERS = ("minmax", "percentile", "mse")
 
@@ -172,6 +178,27 @@ class QuantizationConfig:
 
     def with_dtype(self, dtype: Union[QuantizationDtype, str]) -> "QuantizationConfig":
         return dataclasses.replace(self, dtype=QuantizationDtype.parse(dtype))
+
+    # -- scheme names ----------------------------------------------------------------------
+    @classmethod
+    def from_scheme(cls, scheme: str, **fields: Any) -> "QuantizationConfig":
+        """The config a scheme name stands for: ``fp16``, ``bf16``, ``int8`` (weight-only),
+        ``w8a8-dynamic`` / ``w8a8-static`` (``w8a8`` is dynamic), ``int4-g32`` ... ``int4-g256``,
+        each optionally suffixed ``-sym`` / ``-asym``. The one grammar of the CLI (``quantize
+        --scheme``, ``compare --schemes``) and :func:`~diffulex_edge.eval.compare_schemes`.
+        `fields` set the other config keys (``exclude_layers=...``)."""
+        m = _SCHEME_RE.match(str(scheme).strip().lower()) if isinstance(scheme, str) else None
+        if not m or m.group(1) == "fp32":
+            raise ConfigError(f"unknown scheme {scheme!r}; use {SCHEME_HELP}")
+        name, w8mode, group, _, sym = m.groups()
+        kw: Dict[str, Any] = dict(fields)
+        if sym is not None:
+            kw["symmetric"] = sym == "sym"
+        if name in ("fp16", "bf16", "int8"):
+            return cls(dtype=name, **kw)
+        if name.startswith("w8a8"):
+            return cls(dtype="int8", mode=w8mode or "dynamic", **kw)
+        return cls(dtype="int4", group_size=int(group), **kw)
 
     # -- (de)serialization ---------------------------------------------------------------
     @classmethod
