@@ -82,6 +82,19 @@ def test_invalid_group_sizes(g):
         QuantizationConfig(dtype="int4", group_size=g)
 
 
+def test_group_size_is_checked_for_the_format_it_applies_to():
+    # fp16/bf16/int8 have no groups: a group_size there is not an error (it is not used) ...
+    for dtype in ("fp16", "bf16", "int8"):
+        assert QuantizationConfig(dtype=dtype, group_size=48).group_size == 48
+    # ... but a config without a dtype is checked when a quantizer makes it int4
+    c = QuantizationConfig(group_size=48)
+    with pytest.raises(ConfigError, match="for int4"):
+        c.with_dtype("int4")
+    for bad in (0, -32, "64", True, 32.0):
+        with pytest.raises(ConfigError, match="positive int"):
+            QuantizationConfig(dtype="fp16", group_size=bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -119,10 +119,12 @@ class QuantizationConfig:
             self.dtype = QuantizationDtype.parse(self.dtype)
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; supported: {', '.join(MODES)}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size not in INT4_GROUP_SIZES:
-            raise ConfigError(
-                f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}"
-            )
+        # fields are checked for the format they apply to: group_size only constrains INT4 (a config
+        # without a dtype is checked again when a quantizer gives it one, see with_dtype)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.dtype == QuantizationDtype.INT4 and self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {self.group_size!r}")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
         if isinstance(self.exclude_layers, str):

@@ -29,6 +29,8 @@ class BaseQuantizer:
 
     def __init__(self, config: ConfigLike = None, *, show_progress: Optional[bool] = None) -> None:
         self.config = self._as_config(config) if config is not None else None
+        if self.config is not None:
+            self.resolve_config(self.config)  # checked now for this quantizer's format, not at the first call
         self.show_progress = show_progress
 
     @staticmethod
