@@ -100,6 +100,25 @@ def test_quantize_in_place(mlp):
     assert str(res.model[0].qdtype) == "bf16"
 
 
+def test_quantize_in_place_takes_scheme_names_imatrix_and_protect(mlp):
+    ref_model = __import__("copy").deepcopy(mlp)
+    w = mlp.fc1.weight.detach().clone()
+    imp = {"fc1": torch.rand(w.shape[1]) + 0.1}
+    with pytest.warns(UserWarning, match="no entry for 2 layer"):  # fc2 and head are not in imp
+        res = quantize_(mlp, "int4-g32-sym", imatrix=imp, protect={"fc1": [(0, 1)]})
+    assert res.model is mlp and mlp.fc1.group_size == 32 and mlp.fc1.symmetric and mlp.fc1.n_protect == 1
+    assert mlp.fc1.dequantize_weight()[0, 1] == w[0, 1].half().float()  # the protected weight kept (as fp16)
+    # the same call through the quantizer gives the same bytes
+    from diffulex_edge.quant import INT4Quantizer
+
+    with pytest.warns(UserWarning, match="no entry for 2 layer"):
+        other = INT4Quantizer().quantize(ref_model, QuantizationConfig.from_scheme("int4-g32-sym"), imatrix=imp,
+                                         protect={"fc1": [(0, 1)]}).model
+    assert torch.equal(other.fc1.qweight, mlp.fc1.qweight) and torch.equal(other.fc1.scales, mlp.fc1.scales)
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        quantize_(ref_model, "int5")
+
+
 def test_quantize_in_place_needs_a_dtype(mlp):
     with pytest.raises(ConfigError, match="no dtype"):
         quantize_(mlp, QuantizationConfig())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Union
 
 from torch import nn
 
@@ -18,19 +18,30 @@ from .walk import _set_module, model_size_bytes
 
 def quantize_(
     model: nn.Module,
-    config: ConfigLike,
+    config: Union[ConfigLike, str],
     *,
     calibration_data: Optional[Iterable[Any]] = None,
+    imatrix: Any = None,
+    protect: Any = None,
     show_progress: Optional[bool] = None,
 ) -> QuantizationResult:
-    """Quantize `model` in place as `config` says (torchao-style); dispatches on ``config.dtype``."""
-    cfg = config if isinstance(config, QuantizationConfig) else QuantizationConfig.from_dict(config)
+    """Quantize `model` in place as `config` says (torchao-style); dispatches on ``config.dtype``.
+
+    config: a ``QuantizationConfig``, a mapping of its fields, or a scheme name (``"int4-g32"``,
+    ``"w8a8-dynamic"``, ... see :meth:`QuantizationConfig.from_scheme`). calibration_data,
+    imatrix and protect: as :meth:`INT8Quantizer.quantize <diffulex_edge.quant.INT8Quantizer.quantize>`
+    (activation scales for ``mode="static"``; INT4 importance weights; super weights kept exact)."""
+    if isinstance(config, str):
+        cfg = QuantizationConfig.from_scheme(config)
+    else:
+        cfg = config if isinstance(config, QuantizationConfig) else QuantizationConfig.from_dict(config)
     if cfg.dtype is None:
         raise ConfigError(
             f"the config has no dtype; set one of {', '.join(d.value for d in QuantizationDtype)}"
         )
     quantizer = QUANTIZERS[cfg.dtype](show_progress=show_progress)
-    return quantizer.quantize(model, cfg, inplace=True, calibration_data=calibration_data)
+    return quantizer.quantize(model, cfg, inplace=True, calibration_data=calibration_data, imatrix=imatrix,
+                              protect=protect)
 
 
 def quantize_model_ptq(
