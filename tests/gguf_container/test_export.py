@@ -307,6 +307,19 @@ def test_export_streams_and_a_failure_leaves_the_old_file(tmp_path):
     assert ei.value.layer == "blk.1.ffn_up.weight" and "model.layers.1.mlp.up_proj.weight" in str(ei.value)
     assert p.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+    # the same error when the weight goes to a float type (F32 norms, or an F16 override)
+    bad = tiny_llama()
+    with torch.no_grad():
+        bad.model.layers[0].input_layernorm.weight[7] = float("inf")
+        bad.model.layers[1].self_attn.v_proj.weight[0, 1] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match="inf at index \\(7,\\)") as ei:
+        export_gguf(bad, p, quant="Q8_0", show_progress=False)
+    assert ei.value.layer == "blk.0.attn_norm.weight"
+    with torch.no_grad():
+        bad.model.layers[0].input_layernorm.weight[7] = 1.0
+    with pytest.raises(NonFiniteWeightError, match="as F16: non-finite value nan at index \\(0, 1\\)"):
+        export_gguf(bad, p, quant="Q8_0", overrides={"attn_v": "F16"}, show_progress=False)
+    assert p.read_bytes() == before
 
 
 def test_stream_writer_api(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._progress import progress
 from ..arch import ARCHITECTURES, detect, gguf_tensor_name
-from ..errors import ConfigError, QuantizationError, ShapeError, UnsupportedFormatError
+from ..errors import ConfigError, NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize
 from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
@@ -444,6 +444,13 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
                 elif plan._permute and gname.endswith("attn_k.weight"):
                     a = permute_qk(a, n_head, n_kv)
             a = np.ascontiguousarray(a, dtype=np.float32)
+            # the block types refuse NaN/Inf themselves; F32/F16/BF16 store what they are given, so
+            # check here: a non-finite weight is the same error whatever type the mix chose
+            if GGML_TYPES[t].block_size == 1 and not np.isfinite(a).all():
+                bad = np.argwhere(~np.isfinite(a))[0]
+                raise NonFiniteWeightError(f"{hf_name or 'computed'} as {t}: non-finite value {a[tuple(bad)]} at index "
+                                           f"{tuple(int(i) for i in bad)}; replace NaN/Inf weights before exporting",
+                                           layer=gname)
             qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
             try:
                 q = quantize(a, t, imatrix=imp, mode=qmode)
