@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -111,10 +112,7 @@ class ExportReport:
         return self.nbytes * 8.0 / max(1, self.n_params)
 
     def type_counts(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        for t in self.tensors:
-            out[t.ggml_type] = out.get(t.ggml_type, 0) + 1
-        return out
+        return _type_counts(self.tensors)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.quant}, {len(self.tensors)} tensors, {self.n_params:,} weights, "
@@ -123,6 +121,10 @@ class ExportReport:
         for t in self.tensors:
             lines.append(f"  {t.name:<{w}}  {str(list(t.shape)):<14} {t.ggml_type:<7} {t.bits_per_weight:6.3f} bpw  {t.reason}")
         return "\n".join(lines)
+
+
+def _type_counts(tensors) -> Dict[str, int]:
+    return dict(Counter(t.ggml_type for t in tensors))
 
 
 def _config_value(cfg, *names, default=None):
@@ -328,10 +330,8 @@ class ExportPlan:
         return sum(t.nbytes for t in self.tensors)
 
     def type_counts(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for t in self.tensors:
-            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
-        return counts
+        """{GGML type: number of tensors}, in the order types first appear."""
+        return _type_counts(self.tensors)
 
     def __repr__(self) -> str:
         types = ", ".join(f"{k} x{v}" for k, v in sorted(self.type_counts().items()))
