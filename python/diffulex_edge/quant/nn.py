@@ -20,6 +20,7 @@ from .. import _native
 from ..errors import ConfigError, ShapeError, UnsupportedFormatError
 from . import _ops
 from .config import INT4_GROUP_SIZES, MODES, QuantizationDtype
+from .layer_formats import LAYER_FORMATS
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,7 +31,9 @@ class QuantizedLinear(nn.Module):
     Build one with :meth:`from_linear`; the constructor allocates empty buffers of the right
     shapes (what :func:`~diffulex_edge.quant.load_quantized` fills from a file).
 
-    Buffers by format (all part of ``state_dict``):
+    The weight's storage is a format object (``self.format``, one class per dtype in
+    :mod:`diffulex_edge.quant.layer_formats`): its buffers, quantizer, dequantizers and native
+    matmul. Buffers by format (all part of ``state_dict``):
         fp16/bf16: ``weight`` ``[out, in]`` float16/bfloat16.
         int8: ``qweight`` int8 ``[out, in]``, ``scales`` float32 ``[out]``, ``zero_points`` int8 ``[out]``;
         with ``act_mode="static"`` also ``act_scale`` float32 ``[]``.
@@ -63,31 +66,22 @@ class QuantizedLinear(nn.Module):
         self.out_features = int(out_features)
         self.qdtype = QuantizationDtype.parse(dtype)
         self.group_size = int(group_size)
-        self.symmetric = self.qdtype != QuantizationDtype.INT4 if symmetric is None else bool(symmetric)
+        fmt = LAYER_FORMATS[self.qdtype]
+        self.symmetric = fmt.default_symmetric if symmetric is None else bool(symmetric)
         self.act_mode = act_mode
         self.kernel = kernel
         if act_mode not in MODES:
             raise ConfigError(f"unknown act_mode {act_mode!r}; supported: {', '.join(MODES)}")
-        if act_mode != "weight_only" and self.qdtype != QuantizationDtype.INT8:
+        if act_mode != "weight_only" and not fmt.quantizes_activations:
             raise ConfigError(f"act_mode={act_mode!r} needs dtype int8, got {self.qdtype}")
-        if self.qdtype == QuantizationDtype.INT4 and self.group_size not in INT4_GROUP_SIZES:
-            raise ConfigError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        #: the weight format (buffers, quantize/dequantize, native matmul): see layer_formats.py
+        self.format = fmt(self.qdtype, self.group_size, self.symmetric)
         n, k = self.out_features, self.in_features
         kw = {"device": device}
-        if self.qdtype.is_float:
-            half = torch.float16 if self.qdtype == QuantizationDtype.FP16 else torch.bfloat16
-            self.register_buffer("weight", torch.zeros(n, k, dtype=half, **kw))
-        elif self.qdtype == QuantizationDtype.INT8:
-            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, **kw))
-            self.register_buffer("scales", torch.ones(n, dtype=torch.float32, **kw))
-            self.register_buffer("zero_points", torch.zeros(n, dtype=torch.int8, **kw))
-            if act_mode == "static":
-                self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, **kw))
-        else:
-            groups = -(-k // self.group_size)
-            self.register_buffer("qweight", torch.zeros(n, -(-k // 2), dtype=torch.uint8, **kw))
-            self.register_buffer("scales", torch.ones(n, groups, dtype=torch.float32, **kw))
-            self.register_buffer("zeros", torch.zeros(n, groups, dtype=torch.uint8, **kw))
+        for key, value in self.format.empty_buffers(n, k, device).items():
+            self.register_buffer(key, value)
+        if act_mode == "static":
+            self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, **kw))
         if bias:
             self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, **kw))
         else:
@@ -140,7 +134,7 @@ class QuantizedLinear(nn.Module):
             bias_dtype=linear.bias.dtype if has_bias else torch.float32, device="meta",
             n_protect=0 if pidx is None else pidx.shape[1],
         )
-        if importance is not None and q.qdtype != QuantizationDtype.INT4:
+        if importance is not None and not q.format.takes_importance:
             raise ConfigError(f"importance weights the INT4 scale search; dtype {q.qdtype} does not use it", layer=name)
         dev = w.device
         extra: Dict[str, torch.Tensor] = {}
@@ -149,24 +143,14 @@ class QuantizedLinear(nn.Module):
             extra = {"protect_index": pidx, "protect_values": wf[pidx[0], pidx[1]].to(torch.float16)}
             w = wf.clone()
             w[pidx[0], pidx[1]] = 0.0
-        if q.qdtype.is_float:
-            buffers = {"weight": _ops.quantize_half(w, q.qdtype == QuantizationDtype.BF16, name)}
-        elif q.qdtype == QuantizationDtype.INT8:
-            qw, s, z = _ops.quantize_int8(w, q.symmetric, kernel, name)
-            buffers = {"qweight": qw, "scales": s, "zero_points": z}
-            if act_mode == "static":
-                if act_scale is None or not (act_scale > 0) or act_scale == float("inf"):
-                    raise ConfigError(
-                        f"static activation quantization needs a positive finite act_scale from calibration, got {act_scale!r}",
-                        layer=name,
-                    )
-                buffers["act_scale"] = torch.tensor(float(act_scale), dtype=torch.float32)
-        elif importance is not None:
-            p, s, z = _ops.quantize_int4_weighted(w, q.group_size, q.symmetric, importance, kernel, name)
-            buffers = {"qweight": p, "scales": s, "zeros": z}
-        else:
-            p, s, z = _ops.quantize_int4(w, q.group_size, q.symmetric, kernel, name)
-            buffers = {"qweight": p, "scales": s, "zeros": z}
+        if act_mode == "static" and (act_scale is None or not (act_scale > 0) or act_scale == float("inf")):
+            raise ConfigError(
+                f"static activation quantization needs a positive finite act_scale from calibration, got {act_scale!r}",
+                layer=name,
+            )
+        buffers = q.format.quantize(w, kernel=kernel, name=name, importance=importance)
+        if act_mode == "static":
+            buffers["act_scale"] = torch.tensor(float(act_scale), dtype=torch.float32)
         buffers.update(extra)
         if has_bias:
             buffers["bias"] = linear.bias.detach().clone()
@@ -182,41 +166,20 @@ class QuantizedLinear(nn.Module):
             w = w.index_put((self.protect_index[0], self.protect_index[1]), self.protect_values.to(torch.float32))
         return w
 
-    def _quantized_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Dequantized stored values at the given positions (torch ops, O(n))."""
-        if self.qdtype.is_float:
-            return self.weight[rows, cols].to(torch.float32)
-        if self.qdtype == QuantizationDtype.INT8:
-            return (self.qweight[rows, cols].to(torch.float32) - self.zero_points[rows].to(torch.float32)) * self.scales[rows]
-        byte = self.qweight[rows, cols // 2]
-        nib = torch.where(cols % 2 == 0, byte & 0x0F, byte >> 4).to(torch.float32)
-        g = cols // self.group_size
-        return (nib - self.zeros[rows, g].to(torch.float32)) * self.scales[rows, g]
+    def _stored(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The layer's buffers by name, what the format reads (nn.Module's own dict: no copy per call)."""
+        return self._buffers
 
     def _protect_correction(self, x2: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, r] += x[:, c] * (value - quantized)`` for each protected (r, c)."""
         rows, cols = self.protect_index[0], self.protect_index[1]
-        delta = self.protect_values.to(torch.float32) - self._quantized_at(rows, cols)
+        delta = self.protect_values.to(torch.float32) - self.format.values_at(self._stored(), rows, cols)
         out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
 
     def _dequantize_stored(self) -> torch.Tensor:
-        if self.qdtype.is_float:
-            return self.weight.to(torch.float32)
         # the native decoders need real CPU tensors: not FakeTensors (export/compile) or FX proxies
-        native = not _ops.is_tracing() and self.qweight.device.type == "cpu"
-        if self.qdtype == QuantizationDtype.INT8:
-            if native:
-                return torch.from_numpy(
-                    _native.dequantize_int8(self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy())
-                )
-            return _ops.dequantize_int8_torch(self.qweight, self.scales, self.zero_points)
-        if native:
-            return torch.from_numpy(
-                _native.dequantize_int4(
-                    self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size, self.in_features
-                )
-            )
-        return _ops.dequantize_int4_torch(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+        native = not _ops.is_tracing() and self._storage().device.type == "cpu"
+        return self.format.dequantize(self._stored(), self.in_features, native)
 
     def to_linear(self) -> nn.Linear:
         """A plain float32 ``nn.Linear`` with the dequantized weight."""
@@ -318,8 +281,7 @@ class QuantizedLinear(nn.Module):
                 raise ConfigError(f"tensor {key!r}: holds NaN or Inf")
         if "act_scale" in state and not float(state["act_scale"]) > 0:
             raise ConfigError(f"tensor 'act_scale': must be positive, got {float(state['act_scale'])}")
-        if self.qdtype == QuantizationDtype.INT4 and bool((state["zeros"] > 15).any()):
-            raise ConfigError("tensor 'zeros': INT4 zero points must be 0..15")
+        self.format.check_values(state)
         if self.n_protect:
             idx = state["protect_index"]
             if bool(((idx < 0).any() | (idx[0] >= self.out_features).any() | (idx[1] >= self.in_features).any())):
@@ -332,7 +294,7 @@ class QuantizedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _storage(self) -> torch.Tensor:
-        return self.weight if self.qdtype.is_float else self.qweight
+        return getattr(self, self.format.storage_buffer())
 
     # ---- forward ------------------------------------------------------------------------
     def _use_native(self, x: torch.Tensor) -> bool:
@@ -367,11 +329,7 @@ class QuantizedLinear(nn.Module):
         out = torch.empty(m, n, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.to(torch.float32).numpy()
         xs, o = _ops.np_act(x2), out.numpy()
-        if self.qdtype.is_float:
-            _native.linear_half(
-                xs, _ops.np_u16(self.weight), o, bias, self.qdtype == QuantizationDtype.BF16, self.kernel
-            )
-        elif self.qdtype == QuantizationDtype.INT8 and self.act_mode != "weight_only":
+        if self.act_mode != "weight_only":  # W8A8 (int8 only: checked at construction)
             xq = torch.empty(m, self.in_features, dtype=torch.int8)
             xsc = torch.empty(m, dtype=torch.float32)
             static = float(self.act_scale) if self.act_mode == "static" else None
@@ -382,15 +340,8 @@ class QuantizedLinear(nn.Module):
                 xq.numpy(), xsc.numpy(), self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy(),
                 o, bias, self.kernel,
             )
-        elif self.qdtype == QuantizationDtype.INT8:
-            _native.linear_int8(
-                xs, self.qweight.numpy(), self.scales.numpy(), self.zero_points.numpy(), o, bias, self.kernel
-            )
         else:
-            _native.linear_int4(
-                xs, self.qweight.numpy(), self.scales.numpy(), self.zeros.numpy(), self.group_size,
-                self.in_features, o, bias, self.kernel,
-            )
+            self.format.linear_native(self._stored(), xs, o, bias, self.in_features, self.kernel)
         if self.n_protect:
             self._protect_correction(x2, out)
         out = out.reshape(*lead, n)
@@ -401,12 +352,8 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}",
             f"out_features={self.out_features}",
             f"bias={self.bias is not None}",
-            f"dtype={self.qdtype}",
+            *self.format.describe(),
         ]
-        if self.qdtype == QuantizationDtype.INT4:
-            parts.append(f"group_size={self.group_size}")
-        if not self.qdtype.is_float:
-            parts.append(f"symmetric={self.symmetric}")
         if self.act_mode != "weight_only":
             parts.append(f"act_mode={self.act_mode}")
         if self.n_protect:
