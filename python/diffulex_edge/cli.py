@@ -58,9 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default=None, metavar="NAME",
                    help="a scheme name, as compare --schemes takes: fp16, bf16, int8, w8a8-dynamic, w8a8-static, "
                    "int4-g32 ... int4-g256, optionally -sym/-asym (instead of --dtype/--group-size/--mode)")
-    q.add_argument("--dtype", default=None, choices=["fp16", "bf16", "int8", "int4"], help="weight format (default int8)")
-    q.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256], help="INT4 group length (default 128)")
-    q.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
+    from .quant.config import INT4_GROUP_SIZES, MODES, QuantizationDtype  # light: no torch
+
+    q.add_argument("--dtype", default=None, choices=[d.value for d in QuantizationDtype], help="weight format (default int8)")
+    q.add_argument("--group-size", type=int, default=None, choices=list(INT4_GROUP_SIZES), help="INT4 group length (default 128)")
+    q.add_argument("--mode", default=None, choices=list(MODES),
                    help="INT8 only: also quantize activations per token (dynamic) or with calibrated scales (static)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float (name, prefix, glob, or re:REGEX); repeatable")
