@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+import torch
 
 from .._progress import progress
 from ..arch import ARCHITECTURES, detect, gguf_tensor_name
-from ..errors import ConfigError, NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
+from ..errors import ConfigError, QuantizationError, ShapeError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, ValueType
-from ..gguf.quants import GGML_TYPES, quantize
+from ..gguf.quants import GGML_TYPES, quantize, type_info
+from ..quant._ops import check_finite
 from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def load_gguf_weights(model, path: Union[str, os.PathLike]):
     """Overwrite the weights of a HF model (of the architecture and shapes `path` was exported from)
     with the GGUF file's tensors, dequantized to float32 — what llama.cpp computes with, so a
     PyTorch evaluation of the result measures the file's quantization error. Returns `model`."""
-    import torch
-
     from ..gguf import GGUFFile
 
     found = detect(model)
@@ -301,7 +301,7 @@ class PlannedTensor(NamedTuple):
     @property
     def nbytes(self) -> int:
         """Bytes of the encoded tensor in the file."""
-        info = GGML_TYPES[self.ggml_type]
+        info = type_info(self.ggml_type)
         n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         return n // info.block_size * info.type_size
 
@@ -422,10 +422,12 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
     if not isinstance(plan, ExportPlan):
         raise ConfigError(f"write_gguf takes the ExportPlan of plan_gguf, got {type(plan).__name__}")
     for p in plan.tensors:  # a plan edited by hand: every type must exist and fit the shape
-        if p.ggml_type not in GGML_TYPES:
-            raise ConfigError(f"unknown GGML type {p.ggml_type!r}; supported: {', '.join(GGML_TYPES)}", layer=p.gguf_name)
-        if p.shape and p.shape[-1] % GGML_TYPES[p.ggml_type].block_size:
-            raise ShapeError(f"{p.ggml_type} needs rows that are a multiple of {GGML_TYPES[p.ggml_type].block_size}; "
+        try:
+            block = type_info(p.ggml_type).block_size
+        except UnsupportedFormatError as e:
+            raise UnsupportedFormatError(f"{p.gguf_name}: {e}", layer=p.gguf_name) from None
+        if p.shape and p.shape[-1] % block:
+            raise ShapeError(f"{p.ggml_type} needs rows that are a multiple of {block}; "
                              f"{p.gguf_name} has {p.shape[-1]}", layer=p.gguf_name)
     w = GGUFWriter(path)
     for k, v, t in plan.metadata:
@@ -444,15 +446,12 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
                 elif plan._permute and gname.endswith("attn_k.weight"):
                     a = permute_qk(a, n_head, n_kv)
             a = np.ascontiguousarray(a, dtype=np.float32)
-            # the block types refuse NaN/Inf themselves; F32/F16/BF16 store what they are given, so
-            # check here: a non-finite weight is the same error whatever type the mix chose
-            if GGML_TYPES[t].block_size == 1 and not np.isfinite(a).all():
-                bad = np.argwhere(~np.isfinite(a))[0]
-                raise NonFiniteWeightError(f"{hf_name or 'computed'} as {t}: non-finite value {a[tuple(bad)]} at index "
-                                           f"{tuple(int(i) for i in bad)}; replace NaN/Inf weights before exporting",
-                                           layer=gname)
             qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
             try:
+                # the block types refuse NaN/Inf themselves; F32/F16/BF16 store what they are given,
+                # so a non-finite weight is checked here: the same error whatever type the mix chose
+                if GGML_TYPES[t].block_size == 1:
+                    check_finite(torch.from_numpy(a), gname, fix="replace NaN/Inf weights before exporting")
                 q = quantize(a, t, imatrix=imp, mode=qmode)
             except QuantizationError as e:
                 raise type(e)(f"{hf_name or 'computed'} as {t}: {e}", layer=gname) from e

@@ -74,14 +74,15 @@ def quantize_int4_weighted(w: torch.Tensor, group_size: int, symmetric: bool, im
     return torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)
 
 
-def check_finite(w: torch.Tensor, layer: Optional[str]) -> None:
-    """Raise NonFiniteWeightError naming the first NaN/Inf position (used where Rust does not check)."""
+def check_finite(w: torch.Tensor, layer: Optional[str],
+                 fix: str = "fix or exclude this layer (exclude_layers=[...])") -> None:
+    """Raise NonFiniteWeightError naming the first NaN/Inf position (used where Rust does not
+    check); `fix` is the advice the message ends with."""
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise NonFiniteWeightError(
-            f"weight contains {int(bad.sum())} NaN/Inf value(s), first at index {idx} "
-            f"(value {w[idx].item()}); fix or exclude this layer (exclude_layers=[...])",
+            f"weight contains {int(bad.sum())} NaN/Inf value(s), first at index {idx} (value {w[idx].item()}); {fix}",
             layer=layer,
         )
 
