@@ -66,17 +66,21 @@ def _unique_tensors(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Ten
     out: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
     for name in sorted(state):
-        t = state[name]
-        if t.numel() == 0:
-            out[name] = t
-            continue
-        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        view = _view_key(state[name])
         if view in kept:
             aliases[name] = kept[view]
         else:
             kept[view] = name
-            out[name] = t
+            out[name] = state[name]
     return out, aliases
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same view of the same memory (tied weights). A tensor
+    with no memory to share (on the meta device, or empty) is only equal to itself."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return ("self", id(t))
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
@@ -316,8 +320,7 @@ def _key_groups(skeleton: nn.Module, replacements: Dict[str, QuantizedLinear]) -
         for k, t in skeleton.state_dict(keep_vars=True).items():
             if any(n and k.startswith(n + ".") for n in replacements):
                 continue
-            ident = ("meta", id(t)) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            groups.setdefault(ident, set()).add(k)
+            groups.setdefault(_view_key(t), set()).add(k)
     out = list(groups.values())
     for name, q in replacements.items():
         prefix = f"{name}." if name else ""
