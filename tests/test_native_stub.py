@@ -4,6 +4,7 @@ other, and every function and method takes the parameters (names and order) the 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import os
 
@@ -15,6 +16,7 @@ STUB = os.path.join(os.path.dirname(_native.__file__), "_native.pyi")
 STUB_ONLY = {"Act"}  # type aliases that exist for annotations only
 
 
+@functools.lru_cache(maxsize=None)  # parsed once, not once per test
 def _stub():
     tree = ast.parse(open(STUB).read())
     out = {}

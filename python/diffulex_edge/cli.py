@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default=None, metavar="NAME",
                    help="a scheme name, as compare --schemes takes: fp16, bf16, int8, w8a8-dynamic, w8a8-static, "
                    "int4-g32 ... int4-g256, optionally -sym/-asym (instead of --dtype/--group-size/--mode)")
-    from .quant.config import INT4_GROUP_SIZES, MODES, QuantizationDtype  # light: no torch
+    from .quant.config import INT4_GROUP_SIZES, MODES, QuantizationDtype
 
     q.add_argument("--dtype", default=None, choices=[d.value for d in QuantizationDtype], help="weight format (default int8)")
     q.add_argument("--group-size", type=int, default=None, choices=list(INT4_GROUP_SIZES), help="INT4 group length (default 128)")
