@@ -10,6 +10,7 @@ use super::act::Act;
 use super::dot::dot4;
 use super::gemm::{gemm, GEMM_MIN_M};
 use super::gemv::{int4_gemv, int8_gemv};
+use super::packed::PackedWeights;
 use crate::error::{check_len, Result};
 use crate::formats::half_float::{convert_to_f32, HalfKind};
 use crate::formats::int4::{dequantize_row as int4_row, Int4Layout};
@@ -36,6 +37,8 @@ pub enum Fused<'a> {
     Int4(&'a Int4Weights<'a>),
     /// f16 / bf16: the blocked GEMM only (decode + dot is already bandwidth-bound at batch 1).
     Half(&'a HalfWeights<'a>),
+    /// The registry's packed formats: the blocked GEMM only (batch 1 decodes and dots).
+    Packed(&'a PackedWeights<'a>),
 }
 
 /// Plain f32 weights (the reference the quantized decoders are compared with).
@@ -214,7 +217,12 @@ pub fn linear_act<D: RowDecoder>(
                 }
                 return Ok(());
             }
-            Some(Fused::Half(_)) | None => {}
+            Some(Fused::Packed(wp)) if m >= GEMM_MIN_M => {
+                let xf = x.to_f32(m, k, false);
+                gemm(level, &xf, m, wp, bias, out);
+                return Ok(());
+            }
+            Some(Fused::Half(_)) | Some(Fused::Packed(_)) | None => {}
         }
     }
     let xf = x.to_f32(m, k, false);

@@ -11,6 +11,7 @@ pub mod gemv;
 #[allow(clippy::needless_range_loop)]
 mod gemv_int4;
 pub mod linear;
+pub mod packed;
 #[allow(clippy::needless_range_loop)]
 pub mod vnni;
 pub mod w8a8;

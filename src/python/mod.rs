@@ -6,6 +6,7 @@
 mod calib;
 mod errors;
 mod gguf;
+mod packed;
 
 use numpy::{
     PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2,
@@ -27,7 +28,7 @@ type Int4Out<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 
 /// Activations: float32, or bfloat16 bits as uint16 (`t.view(torch.int16).numpy().view(np.uint16)`).
 #[derive(FromPyObject)]
-enum XIn<'py> {
+pub(crate) enum XIn<'py> {
     F32(PyReadonlyArray2<'py, f32>),
     Bf16(PyReadonlyArray2<'py, u16>),
 }
@@ -53,7 +54,7 @@ impl XIn<'_> {
     }
 }
 
-fn level(kernel: &str) -> PyResult<KernelLevel> {
+pub(crate) fn level(kernel: &str) -> PyResult<KernelLevel> {
     KernelLevel::resolve(kernel).map_err(to_py)
 }
 
@@ -333,5 +334,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear_w8a8, m)?)?;
     gguf::register(m)?;
     calib::register(m)?;
+    packed::register(m)?;
     Ok(())
 }

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffulex_edge import ConfigError
-from diffulex_edge.quant import INT4_GROUP_SIZES, INT8Quantizer, QuantizationConfig, QuantizationDtype
+from diffulex_edge.quant import INT4_GROUP_SIZES, PACKED_FORMATS, INT8Quantizer, QuantizationConfig, QuantizationDtype
 
 DEFAULTS = QuantizationConfig()
 
@@ -42,8 +42,14 @@ def test_dtype_parse_rejects_unknown_and_lists_supported(bad):
 
 
 def test_dtype_properties():
-    assert [d.bits for d in QuantizationDtype] == [16, 16, 8, 4]
-    assert [d.is_float for d in QuantizationDtype] == [True, True, False, False]
+    base = list(QuantizationDtype)[:4]
+    assert [d.bits for d in base] == [16, 16, 8, 4]
+    assert [d.is_float for d in QuantizationDtype] == [True, True] + [False] * (len(QuantizationDtype) - 2)
+    # packed formats: storage bits of a 4096-wide row, scales included (GGUF block sizes: 144 B / 256 for q4_K)
+    assert QuantizationDtype.Q4_K.bits == 144 * 8 / 256
+    assert QuantizationDtype.Q8_0.bits == 34 * 8 / 32
+    assert [d.value for d in QuantizationDtype if d.is_packed] == list(PACKED_FORMATS)
+    assert QuantizationDtype.parse("Q4_k") is QuantizationDtype.Q4_K and QuantizationDtype.parse("IQ4_XS").block_size == 256
     assert str(QuantizationDtype.INT4) == "int4"
     assert f"{QuantizationDtype.FP16}" == "fp16"
 

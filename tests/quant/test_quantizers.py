@@ -137,6 +137,7 @@ def test_quantizer_dtype_resolution():
         QuantizationDtype.BF16: "BF16Quantizer",
         QuantizationDtype.INT8: "INT8Quantizer",
         QuantizationDtype.INT4: "INT4Quantizer",
+        **{d: "BlockQuantizer" for d in QuantizationDtype if d.is_packed},
     }
     assert is_int4_available()
 
@@ -217,7 +218,7 @@ def test_int4_indivisible_skip_keeps_layer_float_with_warning(caplog):
         res = INT4Quantizer().quantize(model, {"group_size": 32, "on_indivisible": "skip"})
     assert type(res.model.odd) is nn.Linear and res.model.odd.weight.dtype == torch.float32
     assert isinstance(res.model.ok, QuantizedLinear)
-    assert "not a multiple of group_size=32" in res.skipped["odd"]
+    assert "not a multiple of group_size (32)" in res.skipped["odd"]
     assert any("odd" in w and "full precision" in w for w in res.warnings)
     assert any("odd" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 

@@ -16,12 +16,13 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from .api import dequantize_model, get_quantization_info, quantize_, quantize_model_ptq
-from .config import INT4_GROUP_SIZES, QuantizationConfig, QuantizationDtype
+from .config import INT4_GROUP_SIZES, PACKED_FORMATS, QuantizationConfig, QuantizationDtype
 from .nn import QuantizedLinear
 from .quantizers import (
     QUANTIZERS,
     BaseQuantizer,
     BF16Quantizer,
+    BlockQuantizer,
     FP16Quantizer,
     INT4Quantizer,
     INT8Quantizer,
@@ -47,6 +48,7 @@ def __getattr__(name: str):
 __all__ = [
     "BF16Quantizer",
     "BaseQuantizer",
+    "BlockQuantizer",
     "ConfigError",
     "CorruptFileError",
     "FP16Quantizer",
@@ -55,6 +57,7 @@ __all__ = [
     "INT8Quantizer",
     "LayerRecord",
     "NonFiniteWeightError",
+    "PACKED_FORMATS",
     "QUANTIZERS",
     "QuantizationConfig",
     "QuantizationDtype",

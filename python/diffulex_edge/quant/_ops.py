@@ -62,16 +62,47 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, kernel: str
 def quantize_int4_weighted(w: torch.Tensor, group_size: int, symmetric: bool, importance, kernel: str = "auto",
                            layer: Optional[str] = None):
     """INT4 with each group's scale/zero point chosen for the lowest importance-weighted error."""
-    imp = np.ascontiguousarray(np.asarray(importance.detach().cpu() if isinstance(importance, torch.Tensor) else importance,
-                                          dtype=np.float32).reshape(-1))
-    if imp.size != w.shape[1]:
-        from ..errors import ShapeError
-
-        raise ShapeError(f"importance has {imp.size} values but the weight has {w.shape[1]} input columns; "
-                         "was the imatrix computed on another model?", layer=layer)
+    imp = importance_vector(importance, w.shape[1], layer)
     p, s, z = with_layer(_native.quantize_int4_weighted, layer, as_f32_cpu(w).numpy(), group_size, imp, symmetric,
                          False, kernel)
     return torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)
+
+
+def importance_vector(importance, cols: int, layer: Optional[str]) -> np.ndarray:
+    """Per-column importances as a contiguous float32 vector of length `cols` (ShapeError otherwise)."""
+    imp = np.ascontiguousarray(np.asarray(importance.detach().cpu() if isinstance(importance, torch.Tensor) else importance,
+                                          dtype=np.float32).reshape(-1))
+    if imp.size != cols:
+        from ..errors import ShapeError
+
+        raise ShapeError(f"importance has {imp.size} values but the weight has {cols} input columns; "
+                         "was the imatrix computed on another model?", layer=layer)
+    return imp
+
+
+def quantize_packed(w: torch.Tensor, name: str, importance=None, kernel: str = "auto",
+                    layer: Optional[str] = None) -> torch.Tensor:
+    """A registry format's packed bytes ``[rows, row_bytes]`` of float weight `w` (Rust, CPU)."""
+    imp = None if importance is None else importance_vector(importance, w.shape[1], layer)
+    return torch.from_numpy(with_layer(_native.packed_quantize, layer, name, as_f32_cpu(w).numpy(), imp, kernel))
+
+
+@torch.library.custom_op("diffulex_edge::dequantize_packed", mutates_args=())
+def dequantize_packed(packed: torch.Tensor, name: str, cols: int) -> torch.Tensor:
+    """float32 ``[rows, cols]`` from a registry format's packed bytes, on `packed`'s device.
+
+    A torch custom op, so it also runs where plain Python cannot: under ``torch.export`` /
+    ``torch.compile`` it appears in the graph as ``diffulex_edge.dequantize_packed`` (its shape
+    comes from the fake implementation below). The decoders are Rust: tensors on another device
+    are decoded on the CPU and moved back."""
+    cpu = packed.detach().to("cpu").contiguous()
+    out = torch.from_numpy(_native.packed_dequantize(name, cpu.numpy(), cols))
+    return out.to(packed.device)
+
+
+@dequantize_packed.register_fake
+def _dequantize_packed_fake(packed: torch.Tensor, name: str, cols: int) -> torch.Tensor:
+    return packed.new_empty((packed.shape[0], cols), dtype=torch.float32)
 
 
 def check_finite(w: torch.Tensor, layer: Optional[str],

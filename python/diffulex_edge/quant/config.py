@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from .. import _native
 from ..errors import ConfigError
 
 #: INT4 group sizes the native format supports.
@@ -17,52 +18,89 @@ MODES = ("weight_only", "dynamic", "static")
 ON_INDIVISIBLE = ("error", "skip", "pad")
 KERNELS = ("auto", "scalar", "avx2", "avx512", "avx_vnni", "avx512_vnni")
 
-#: Scheme names (:meth:`QuantizationConfig.from_scheme`); ``fp32`` is the unquantized reference,
-#: which only comparisons use.
-_SCHEME_RE = re.compile(r"^(fp32|fp16|bf16|int8|w8a8(?:-(dynamic|static))?|int4-g(\d+))(-(sym|asym))?$")
-SCHEME_HELP = "fp16, bf16, int8, w8a8-dynamic, w8a8-static or int4-g32/64/128/256 (optionally with -sym or -asym)"
 #: Activation-range observers of mode="static" (see diffulex_edge.calib).
 OBSERVERS = ("minmax", "percentile", "mse")
 
+#: The packed formats of the native registry (``formats/registry.rs``), in its order: a dict per
+#: format with ``name``, ``block_size``, ``takes_importance`` and ``ggml_type``. Every one of
+#: them is a :class:`QuantizationDtype` member, a scheme name and a layer format.
+PACKED_FORMATS: Dict[str, Dict[str, Any]] = {f["name"]: f for f in _native.packed_formats()}
 
-class QuantizationDtype(str, enum.Enum):
-    """Storage format of quantized weights."""
 
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
+class _Dtype(str, enum.Enum):
+    """Methods of :class:`QuantizationDtype` (whose members are built from the native registry)."""
 
     @property
-    def bits(self) -> int:
-        return {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4}[self.value]
+    def bits(self) -> float:
+        """Bits per weight: 16 / 8 / 4 for the float and integer formats (value bits), and for
+        packed formats the storage bits of a 4096-wide row, scales included (4.5 for q4_K)."""
+        nominal = {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
+        if self.value in nominal:
+            return nominal[self.value]
+        return _native.packed_row_bytes(self.value, 4096) * 8 / 4096
 
     @property
     def is_float(self) -> bool:
-        return self in (QuantizationDtype.FP16, QuantizationDtype.BF16)
+        return self.value in ("fp16", "bf16")
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the weight is stored as one packed byte row per output (a registry format)."""
+        return self.value in PACKED_FORMATS
+
+    @property
+    def takes_importance(self) -> bool:
+        """Whether an importance matrix (imatrix) steers this format's scale search."""
+        return self.value == "int4" or bool(self.is_packed and PACKED_FORMATS[self.value]["takes_importance"])
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block (a row length must be a multiple of it): the registry's for packed
+        formats, 1 for the others (int4's group size is a config field)."""
+        return int(PACKED_FORMATS[self.value]["block_size"]) if self.is_packed else 1
 
     @classmethod
     def parse(cls, value: Union["QuantizationDtype", str]) -> "QuantizationDtype":
-        """Accept the enum, its value or a common alias ("float16", "half", "bfloat16", "qint8")."""
+        """Accept a member, its value in any case (``"Q4_K"``, ``"nf4"``) or a common alias
+        ("float16", "half", "bfloat16", "qint8")."""
         if isinstance(value, cls):
             return value
-        aliases = {
-            "fp16": cls.FP16, "float16": cls.FP16, "half": cls.FP16, "f16": cls.FP16,
-            "bf16": cls.BF16, "bfloat16": cls.BF16,
-            "int8": cls.INT8, "qint8": cls.INT8, "i8": cls.INT8, "8": cls.INT8,
-            "int4": cls.INT4, "qint4": cls.INT4, "i4": cls.INT4, "4": cls.INT4,
-        }
-        key = str(value).strip().lower()
-        if key.startswith("quantizationdtype."):
+        key = str(value).strip()
+        if key.lower().startswith("quantizationdtype."):
             key = key.split(".", 1)[1]
-        if key not in aliases:
-            raise ConfigError(
-                f"unknown dtype {value!r}; supported: {', '.join(d.value for d in cls)}"
-            )
-        return aliases[key]
+        key = _DTYPE_ALIASES.get(key.lower(), key).lower()
+        for member in cls:
+            if member.value.lower() == key:
+                return member
+        raise ConfigError(f"unknown dtype {value!r}; supported: {', '.join(d.value for d in cls)}")
 
     def __str__(self) -> str:
         return self.value
+
+
+#: What the error of an imatrix given for a format that does not use one suggests.
+_IMATRIX_FORMATS = "an imatrix steers int4 and " + ", ".join(
+    n for n, f in PACKED_FORMATS.items() if f["takes_importance"])
+
+_DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "f16": "fp16", "bfloat16": "bf16", "qint8": "int8", "i8": "int8",
+                  "8": "int8", "qint4": "int4", "i4": "int4", "4": "int4"}
+
+#: Storage format of quantized weights: ``FP16``, ``BF16``, ``INT8`` (per channel), ``INT4``
+#: (grouped) and every packed format of the native registry (``Q8_0``, ``Q4_K``, ``IQ4_XS``,
+#: ``TQ2_0``, ...: a member's value is its canonical spelling, e.g. ``"q4_K"``).
+QuantizationDtype = _Dtype(  # type: ignore[call-overload]
+    "QuantizationDtype",
+    [("FP16", "fp16"), ("BF16", "bf16"), ("INT8", "int8"), ("INT4", "int4")]
+    + [(name.upper(), name) for name in PACKED_FORMATS],
+    module=__name__,
+    qualname="QuantizationDtype",
+)
+
+#: Scheme names (:meth:`QuantizationConfig.from_scheme`); ``fp32`` is the unquantized reference,
+#: which only comparisons use.
+_SCHEME_RE = re.compile(r"^(fp32|fp16|bf16|int8|w8a8(?:-(dynamic|static))?|int4-g(\d+))(-(sym|asym))?$")
+SCHEME_HELP = ("fp16, bf16, int8, w8a8-dynamic, w8a8-static or int4-g32/64/128/256 (optionally with -sym or -asym), "
+               "or a packed format: " + ", ".join(PACKED_FORMATS))
 
 
 @dataclass
@@ -75,7 +113,8 @@ class QuantizationConfig:
         mode: ``"weight_only"`` (default; activations stay float), ``"dynamic"`` (INT8 only:
             activations quantized per token at run time, int8 x int8 kernel) or ``"static"``
             (INT8 only: one activation scale per layer fixed from calibration data).
-        group_size: INT4 group length along the input dimension: 32, 64, 128 or 256.
+        group_size: INT4 group length along the input dimension: 32, 64, 128 or 256 (packed
+            formats have a fixed block size, ``dtype.block_size``; this field does not apply).
         symmetric: ``None`` picks the format's default: symmetric for INT8, asymmetric (with
             zero points) for INT4.
         exclude_layers: names to keep in full precision. An entry matches a module name exactly,
@@ -96,8 +135,9 @@ class QuantizationConfig:
             of |x|) or ``"mse"`` (the clip minimising the squared quantization error over the
             |x| histogram).
         percentile: for ``observer="percentile"``, in (0, 100]; default 99.99.
-        imatrix: path of an importance-matrix file (llama.cpp GGUF or legacy .dat) for INT4: each
-            group's scale and zero point minimise the importance-weighted error. Quantizers also
+        imatrix: path of an importance-matrix file (llama.cpp GGUF or legacy .dat) for INT4 and
+            the packed formats with ``dtype.takes_importance``: each group's (block's) scales
+            minimise the importance-weighted error. Quantizers also
             take ``imatrix=`` (an :class:`~diffulex_edge.calib.ImportanceMatrix`) directly.
     """
 
@@ -156,8 +196,8 @@ class QuantizationConfig:
                     "pass an ImportanceMatrix object as quantize(..., imatrix=...) instead"
                 )
             self.imatrix = os.fspath(self.imatrix)
-            if self.dtype is not None and self.dtype != QuantizationDtype.INT4:
-                raise ConfigError(f"imatrix weights the INT4 scale search; dtype {self.dtype} does not use it")
+            if self.dtype is not None and not self.dtype.takes_importance:
+                raise ConfigError(f"dtype {self.dtype} does not use an imatrix; {_IMATRIX_FORMATS}")
         if self.mode != "weight_only" and self.dtype is not None and self.dtype != QuantizationDtype.INT8:
             raise ConfigError(
                 f"mode={self.mode!r} quantizes activations to int8 and needs dtype int8, got {self.dtype}; "
@@ -186,9 +226,12 @@ class QuantizationConfig:
     def from_scheme(cls, scheme: str, **fields: Any) -> "QuantizationConfig":
         """The config a scheme name stands for: ``fp16``, ``bf16``, ``int8`` (weight-only),
         ``w8a8-dynamic`` / ``w8a8-static`` (``w8a8`` is dynamic), ``int4-g32`` ... ``int4-g256``,
-        each optionally suffixed ``-sym`` / ``-asym``. The one grammar of the CLI (``quantize
+        each optionally suffixed ``-sym`` / ``-asym``, or a packed format's name (``q4_K``,
+        ``iq4_xs``, ``nf4``, any case). The one grammar of the CLI (``quantize
         --scheme``, ``compare --schemes``) and :func:`~diffulex_edge.eval.compare_schemes`.
         `fields` set the other config keys (``exclude_layers=...``)."""
+        if isinstance(scheme, str) and scheme.strip().lower() in {n.lower() for n in PACKED_FORMATS}:
+            return cls(dtype=scheme.strip(), **fields)
         m = _SCHEME_RE.match(str(scheme).strip().lower()) if isinstance(scheme, str) else None
         if not m or m.group(1) == "fp32":
             raise ConfigError(f"unknown scheme {scheme!r}; use {SCHEME_HELP}")

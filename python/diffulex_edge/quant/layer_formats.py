@@ -59,7 +59,8 @@ class LayerFormat(ABC):
         """float32 ``[out, in]`` from the buffers; `native`: real CPU tensors (the Rust decoders)."""
 
     @abstractmethod
-    def values_at(self, b: Dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def values_at(self, b: Dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor,
+                  in_features: int) -> torch.Tensor:
         """Dequantized stored values at the given positions (torch ops, O(n))."""
 
     @abstractmethod
@@ -68,7 +69,7 @@ class LayerFormat(ABC):
         """``out = xs @ W.T + bias`` by the Rust kernel on the packed weight."""
 
     # ---- checks and description ----------------------------------------------------------------
-    def check_values(self, state: Dict[str, torch.Tensor]) -> None:
+    def check_values(self, state: Dict[str, torch.Tensor], in_features: int) -> None:
         """Raise ConfigError for values the format does not allow in a loaded file (shapes and
         dtypes are checked by the layer against its own buffers; by default every value is
         allowed)."""
@@ -100,7 +101,7 @@ class HalfFormat(LayerFormat):
     def dequantize(self, b, in_features, native):
         return b["weight"].to(torch.float32)
 
-    def values_at(self, b, rows, cols):
+    def values_at(self, b, rows, cols, in_features):
         return b["weight"][rows, cols].to(torch.float32)
 
     def linear_native(self, b, xs, out, bias, in_features, kernel):
@@ -130,7 +131,7 @@ class Int8Format(LayerFormat):
                 _native.dequantize_int8(b["qweight"].numpy(), b["scales"].numpy(), b["zero_points"].numpy()))
         return _ops.dequantize_int8_torch(b["qweight"], b["scales"], b["zero_points"])
 
-    def values_at(self, b, rows, cols):
+    def values_at(self, b, rows, cols, in_features):
         return (b["qweight"][rows, cols].to(torch.float32) - b["zero_points"][rows].to(torch.float32)) * b["scales"][rows]
 
     def linear_native(self, b, xs, out, bias, in_features, kernel):
@@ -169,7 +170,7 @@ class Int4Format(LayerFormat):
                 b["qweight"].numpy(), b["scales"].numpy(), b["zeros"].numpy(), self.group_size, in_features))
         return _ops.dequantize_int4_torch(b["qweight"], b["scales"], b["zeros"], self.group_size, in_features)
 
-    def values_at(self, b, rows, cols):
+    def values_at(self, b, rows, cols, in_features):
         byte = b["qweight"][rows, cols // 2]
         nib = torch.where(cols % 2 == 0, byte & 0x0F, byte >> 4).to(torch.float32)
         g = cols // self.group_size
@@ -179,7 +180,7 @@ class Int4Format(LayerFormat):
         _native.linear_int4(xs, b["qweight"].numpy(), b["scales"].numpy(), b["zeros"].numpy(), self.group_size,
                             in_features, out, bias, kernel)
 
-    def check_values(self, state):
+    def check_values(self, state, in_features):
         if bool((state["zeros"] > 15).any()):
             raise ConfigError("tensor 'zeros': INT4 zero points must be 0..15")
 
@@ -187,7 +188,52 @@ class Int4Format(LayerFormat):
         return [f"dtype={self.dtype}", f"group_size={self.group_size}", f"symmetric={self.symmetric}"]
 
 
-#: dtype -> the class of its layer format. A new format is a class here (and its Rust kernels).
-LAYER_FORMATS: Dict[QuantizationDtype, Type[LayerFormat]] = {d: cls for cls in (HalfFormat, Int8Format, Int4Format)
-                                                              for d in cls.dtypes}
+class PackedFormat(LayerFormat):
+    """Every format of the native registry (``formats/registry.rs``: the GGML block types, NF4,
+    ...): ``qweight`` uint8 ``[out, row_bytes]``, each row the format's blocks as the native
+    quantizer writes them (for a GGML type, the bytes of that GGUF tensor row). Quantizing,
+    decoding and the matmul are the registry's generic Rust functions, selected by name; other
+    devices and tracing decode through the ``diffulex_edge::dequantize_packed`` custom op."""
+
+    dtypes = tuple(d for d in QuantizationDtype if d.is_packed)
+    integer = False
+
+    def __init__(self, dtype, group_size, symmetric):
+        super().__init__(dtype, group_size, symmetric)
+        self.name = dtype.value
+        self.takes_importance = dtype.takes_importance
+
+    def empty_buffers(self, n, k, device):
+        return {"qweight": torch.zeros(n, _native.packed_row_bytes(self.name, k), dtype=torch.uint8, device=device)}
+
+    def quantize(self, w, *, kernel, name, importance=None):
+        return {"qweight": _ops.quantize_packed(w, self.name, importance, kernel, name)}
+
+    def dequantize(self, b, in_features, native):
+        if native:
+            return torch.from_numpy(_native.packed_dequantize(self.name, b["qweight"].numpy(), in_features))
+        return _ops.dequantize_packed(b["qweight"], self.name, in_features)
+
+    def values_at(self, b, rows, cols, in_features):
+        # decode only the rows that hold protected weights
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        w = _ops.dequantize_packed(b["qweight"][uniq].contiguous(), self.name, in_features)
+        return w[inv, cols]
+
+    def linear_native(self, b, xs, out, bias, in_features, kernel):
+        _native.packed_linear(self.name, xs, b["qweight"].numpy(), in_features, out, bias, kernel)
+
+    def check_values(self, state, in_features):
+        bad = _native.packed_first_non_finite(self.name, state["qweight"].numpy(), in_features)
+        if bad is not None:
+            raise ConfigError(f"tensor 'qweight': the {self.name} weight at {bad} decodes to NaN or Inf (corrupt scales)")
+
+    def describe(self):
+        return [f"dtype={self.dtype}"]
+
+
+#: dtype -> the class of its layer format. A new packed format needs nothing here: it is a
+#: registry entry in Rust, and PackedFormat serves it.
+LAYER_FORMATS: Dict[QuantizationDtype, Type[LayerFormat]] = {
+    d: cls for cls in (HalfFormat, Int8Format, Int4Format, PackedFormat) for d in cls.dtypes}
 

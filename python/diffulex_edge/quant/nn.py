@@ -19,6 +19,7 @@ from torch import nn
 from .. import _native
 from ..errors import ConfigError, ShapeError, UnsupportedFormatError
 from . import _ops
+from . import config as _config
 from .config import INT4_GROUP_SIZES, MODES, QuantizationDtype
 from .layer_formats import LAYER_FORMATS
 
@@ -135,7 +136,8 @@ class QuantizedLinear(nn.Module):
             n_protect=0 if pidx is None else pidx.shape[1],
         )
         if importance is not None and not q.format.takes_importance:
-            raise ConfigError(f"importance weights the INT4 scale search; dtype {q.qdtype} does not use it", layer=name)
+            raise ConfigError(f"dtype {q.qdtype} does not use importance weights (an imatrix); "
+                              f"{_config._IMATRIX_FORMATS}", layer=name)
         dev = w.device
         extra: Dict[str, torch.Tensor] = {}
         if pidx is not None:
@@ -173,7 +175,7 @@ class QuantizedLinear(nn.Module):
     def _protect_correction(self, x2: torch.Tensor, out: torch.Tensor) -> None:
         """``out[:, r] += x[:, c] * (value - quantized)`` for each protected (r, c)."""
         rows, cols = self.protect_index[0], self.protect_index[1]
-        delta = self.protect_values.to(torch.float32) - self.format.values_at(self._stored(), rows, cols)
+        delta = self.protect_values.to(torch.float32) - self.format.values_at(self._stored(), rows, cols, self.in_features)
         out.index_add_(1, rows, x2[:, cols].to(torch.float32) * delta)
 
     def _dequantize_stored(self) -> torch.Tensor:
@@ -281,7 +283,7 @@ class QuantizedLinear(nn.Module):
                 raise ConfigError(f"tensor {key!r}: holds NaN or Inf")
         if "act_scale" in state and not float(state["act_scale"]) > 0:
             raise ConfigError(f"tensor 'act_scale': must be positive, got {float(state['act_scale'])}")
-        self.format.check_values(state)
+        self.format.check_values(state, self.in_features)
         if self.n_protect:
             idx = state["protect_index"]
             if bool(((idx < 0).any() | (idx[0] >= self.out_features).any() | (idx[1] >= self.in_features).any())):

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _native
 from ..errors import ConfigError
-from .config import QuantizationConfig, QuantizationDtype
+from .config import _IMATRIX_FORMATS, QuantizationConfig, QuantizationDtype
 from .result import QuantizationResult
 from .walk import plan_layers, quantize_model
 
@@ -70,8 +70,9 @@ class BaseQuantizer:
         Args:
             calibration_data: model inputs (a ``CalibrationDataset`` or any iterable); required by
                 ``mode="static"``, whose activation scales come from ``config.observer``.
-            imatrix: INT4: an ``ImportanceMatrix``, a ``{layer: importances}`` mapping or an imatrix
-                file path (overrides ``config.imatrix``); each group's scale then minimises the
+            imatrix: INT4 and the importance-aware packed formats: an ``ImportanceMatrix``, a
+                ``{layer: importances}`` mapping or an imatrix file path (overrides
+                ``config.imatrix``); each group's (block's) scales then minimise the
                 importance-weighted error.
             protect: weights kept in float16 in a sparse side table: a ``SuperWeights`` result of
                 ``find_super_weights`` or a ``{layer: [(row, col), ...]}`` mapping.
@@ -90,8 +91,8 @@ class BaseQuantizer:
             act_scales = activation_scales(model, names, calibration_data, cfg.observer, cfg.percentile)
         importance = None
         if cfg.is_enabled and (imatrix is not None or cfg.imatrix is not None):
-            if cfg.dtype != QuantizationDtype.INT4:
-                raise ConfigError(f"imatrix weights the INT4 scale search; dtype {cfg.dtype} does not use it")
+            if not cfg.dtype.takes_importance:
+                raise ConfigError(f"dtype {cfg.dtype} does not use an imatrix; {_IMATRIX_FORMATS}")
             from ..calib.imatrix import resolve_imatrix
 
             importance = resolve_imatrix(imatrix if imatrix is not None else cfg.imatrix, model)
@@ -138,12 +139,23 @@ class INT4Quantizer(BaseQuantizer):
     dtypes = (QuantizationDtype.INT4,)
 
 
+class BlockQuantizer(BaseQuantizer):
+    """Any packed format of the native registry: the GGML block types (``q8_0``, ``q4_K``,
+    ``iq4_xs``, ``q2_K``, ``tq2_0``, ...) and ``nf4``. The layers store exactly the bytes a GGUF
+    tensor of that type holds (for GGML types), and ``export_gguf`` writes them unchanged.
+    Without a dtype in the config it produces ``q4_K``. Formats with ``dtype.takes_importance``
+    use an imatrix when given one."""
+
+    dtypes = tuple(sorted((d for d in QuantizationDtype if d.is_packed), key=lambda d: d != QuantizationDtype.Q4_K))
+
+
 #: One registry: format -> quantizer class (what ``quantize_`` dispatches on).
 QUANTIZERS: Dict[QuantizationDtype, Type[BaseQuantizer]] = {
     QuantizationDtype.FP16: FP16Quantizer,
     QuantizationDtype.BF16: BF16Quantizer,
     QuantizationDtype.INT8: INT8Quantizer,
     QuantizationDtype.INT4: INT4Quantizer,
+    **{d: BlockQuantizer for d in BlockQuantizer.dtypes},
 }
 
 

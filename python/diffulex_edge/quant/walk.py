@@ -114,11 +114,22 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
             raise UnsupportedFormatError(
                 f"weight dtype {w.dtype} is not a float type; only float weights can be quantized", layer=name
             )
-        if cfg.dtype == QuantizationDtype.INT4 and mod.in_features % cfg.group_size != 0:
+        unit = cfg.group_size if cfg.dtype == QuantizationDtype.INT4 else cfg.dtype.block_size
+        if mod.in_features % unit != 0:
+            what = "group_size" if cfg.dtype == QuantizationDtype.INT4 else f"the {cfg.dtype} block size"
             if cfg.on_indivisible == "skip":
-                skipped[name] = f"in_features={mod.in_features} is not a multiple of group_size={cfg.group_size}"
+                skipped[name] = f"in_features={mod.in_features} is not a multiple of {what} ({unit})"
                 warns.append(f"{name}: kept in full precision ({skipped[name]})")
                 continue
+            if cfg.dtype.is_packed:
+                # block formats have no short last block: "pad" does not apply
+                fits = [d.value for d in QuantizationDtype if d.is_packed and mod.in_features % d.block_size == 0]
+                raise ShapeError(
+                    f"in_features={mod.in_features} is not a multiple of {what} ({unit}); pass on_indivisible='skip' "
+                    f"(keep this layer in full precision), exclude it, or use a format whose blocks fit: "
+                    f"{', '.join(fits) or 'int8, int4 with on_indivisible=pad'}",
+                    layer=name,
+                )
             if cfg.on_indivisible == "error":
                 smaller = [g for g in (32, 64, 128, 256) if mod.in_features % g == 0]
                 hint = f", or use group_size={smaller[-1]}" if smaller else ""
@@ -150,7 +161,7 @@ def layer_format(cfg: QuantizationConfig) -> str:
     d = cfg.dtype
     if d is None:
         return "none"
-    if d.is_float:
+    if d.is_float or d.is_packed:
         return str(d)
     sym = "sym" if cfg.resolved_symmetric else "asym"
     base = f"int4_g{cfg.group_size}" if d == QuantizationDtype.INT4 else "int8"
@@ -196,7 +207,7 @@ def quantize_model(
                 " — pass calibration_data so the layers see inputs during calibration"
             )
     fmt = layer_format(cfg)
-    if importance is not None and cfg.dtype == QuantizationDtype.INT4:
+    if importance is not None and cfg.dtype.takes_importance:
         missing = [n for n, _ in plan.layers if n not in importance]
         if missing:
             _warnings.warn(f"the importance matrix has no entry for {len(missing)} layer(s), e.g. {missing[:3]}; "
@@ -207,7 +218,7 @@ def quantize_model(
         q = QuantizedLinear.from_linear(
             lin, cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric,
             act_mode=cfg.mode, act_scale=(act_scales or {}).get(name), kernel=cfg.kernel, name=name,
-            importance=_lookup(importance, name) if cfg.dtype == QuantizationDtype.INT4 else None,
+            importance=_lookup(importance, name) if cfg.dtype.takes_importance else None,
             protect=_lookup(protect, name),
         )
         w = lin.weight.detach().to(torch.float32)

@@ -214,7 +214,7 @@ fn quantize_blocks_at<F: BlockFormat>(
     }
 }
 
-fn dequantize_blocks_at<F: BlockFormat>(level: KernelLevel, b: &[u8], out: &mut [f32]) {
+pub(crate) fn dequantize_blocks_at<F: BlockFormat>(level: KernelLevel, b: &[u8], out: &mut [f32]) {
     match level {
         // SAFETY: as in `quantize_blocks_at`.
         #[cfg(target_arch = "x86_64")]
