@@ -6,6 +6,7 @@ pub mod half_float;
 pub mod int4;
 pub mod int4_weighted;
 pub mod int8;
+pub mod nf4;
 pub mod registry;
 // AVX-512 row quantizers of the INT8 and INT4 formats, byte-exact with their `quantize_ref`
 pub(crate) mod quantize_avx512;

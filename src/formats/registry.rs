@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::ggml::block::{self as gb, BlockFormat, GgmlType, QuantMode};
 use super::ggml::{iq, k_quants as kq, legacy, ternary};
+use super::nf4::Nf4;
 use crate::error::{check_len, Error, Result};
 use crate::simd::KernelLevel;
 
@@ -138,6 +139,7 @@ pub static REGISTRY: &[&dyn PackedFormat] = &[
     &Ggml::<iq::IQ4XS>::NEW,
     &Ggml::<ternary::TQ2_0>::NEW,
     &Ggml::<ternary::TQ1_0>::NEW,
+    &Nf4,
 ];
 
 /// The packed format called `name` (case-insensitive except that `q4_k` also finds `q4_K`);
