@@ -364,6 +364,59 @@ def test_quantized_or_incomplete_models_are_refused(tmp_path):
     assert not (tmp_path / "w.gguf").exists()
 
 
+@pytest.mark.parametrize("fmt", ["q4_K", "q6_K", "iq4_xs", "q8_0", "tq2_0", "fp16"])
+def test_quantized_layers_export_their_bytes(tmp_path, fmt):
+    """A model quantized in PyTorch to a GGUF type exports its layers' bytes unchanged (no second
+    quantization): the file's tensor of each layer is the layer's storage (Q/K rows permuted as
+    llama.cpp wants), and gguf-py decodes it to the weights the PyTorch model computes with."""
+    from diffulex_edge.quant import QuantizedLinear, quantize_
+
+    model = tiny_llama()
+    quantize_(model, fmt)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 2 * 7 + 1  # every projection and the (untied) lm_head
+    p = tmp_path / "m.gguf"
+    rep = export_gguf(model, p, quant="Q4_K_M")
+    tensors = {t.name: t for t in GGUFReader(p).tensors}
+    n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    for name, layer in layers.items():
+        gname = gguf_tensor_name(f"{name}.weight")
+        t = tensors[gname]
+        want_type = {"fp16": "F16"}.get(fmt, fmt.upper())
+        assert t.tensor_type.name == want_type, gname
+        stored = layer._storage().view(torch.uint8).numpy()
+        w = layer.dequantize_weight().numpy()
+        if gname.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_head if gname.endswith("attn_q.weight") else n_kv
+            stored, w = permute_qk(stored, n_head, heads), permute_qk(w, n_head, heads)
+        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(stored.shape), stored), gname
+        np.testing.assert_array_equal(gq.dequantize(t.data, t.tensor_type).reshape(w.shape), w)
+        assert "as stored" in next(r.reason for r in rep.tensors if r.name == gname)
+    # tensors the model did not quantize (embeddings, norms) follow the mix
+    assert tensors["token_embd.weight"].tensor_type.name != "F32"
+
+
+def test_plan_edits_re_encode_stored_layers_and_other_formats_are_refused(tmp_path):
+    from diffulex_edge.export import plan_gguf, write_gguf
+    from diffulex_edge.quant import quantize_
+
+    model = tiny_llama()
+    quantize_(model, "q4_K")
+    plan = plan_gguf(model, "Q4_K_M")
+    i = next(i for i, t in enumerate(plan.tensors) if t.gguf_name == "blk.0.ffn_down.weight")
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q8_0", reason="mine")
+    write_gguf(plan, tmp_path / "m.gguf")
+    f = GGUFFile.read(tmp_path / "m.gguf")
+    layer = model.model.layers[0].mlp.down_proj
+    w = layer.dequantize_weight().numpy()
+    np.testing.assert_array_equal(f.tensor("blk.0.ffn_down.weight"), dequantize(quantize(w, "Q8_0"), "Q8_0", w.shape))
+    nf4 = tiny_llama()
+    quantize_(nf4, "nf4")
+    with pytest.raises(UnsupportedFormatError, match="nf4 has no GGUF tensor type") as ei:
+        export_gguf(nf4, tmp_path / "n.gguf")
+    assert ei.value.layer == "model.layers.0.self_attn.q_proj" and not (tmp_path / "n.gguf").exists()
+
+
 def test_bare_tokenizers_tokenizer_gives_the_same_vocabulary():
     from pathlib import Path
 

@@ -351,14 +351,7 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
     found = detect(model)
     if found is None:
         raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
-    from ..quant.nn import QuantizedLinear
-
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if quantized:
-        raise UnsupportedFormatError(
-            f"{len(quantized)} layer(s) are diffulex-edge quantized, but export_gguf encodes float weights itself; "
-            "export the float model, or call diffulex_edge.quant.dequantize_model(model) first (the GGUF types "
-            "are then applied on top of the INT8/INT4 rounding)", layer=quantized[0])
+    stored = _stored_layers(model)
     if isinstance(imatrix, (str, os.PathLike)):
         from ..gguf.imatrix import load_imatrix
 
@@ -371,9 +364,10 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
     n_head = cfg.num_attention_heads
     n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
 
-    state = {k: v for k, v in model.state_dict().items()}
+    state = _export_state(model, stored)
     tied = "lm_head.weight" not in state or bool(getattr(cfg, "tie_word_embeddings", False)) or (
         "lm_head.weight" in state and "model.embed_tokens.weight" in state
+        and isinstance(state["lm_head.weight"], torch.Tensor)
         and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr())
     ctx = MixContext(quant, int(cfg.num_hidden_layers), max(1, n_head // n_kv), has_output=not tied,
                      has_imatrix=imatrix is not None)
@@ -400,6 +394,11 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
             unmapped.append(hf_name)
             continue
         if tied and gname == "output.weight":
+            continue
+        if isinstance(tensor, _Stored):
+            shape = (tensor.layer.out_features, tensor.layer.in_features)
+            tensors.append(PlannedTensor(hf_name, gname, shape, tensor.ggml_type,
+                                         f"quantized in PyTorch as {tensor.layer.qdtype}: its bytes as stored", None))
             continue
         shape = tuple(int(d) for d in tensor.shape)
         t, why = choose_type(gname, shape, ctx, rules)
@@ -437,10 +436,20 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
     log.info("export_gguf: %d tensors as %s -> %s", len(plan.tensors), plan.quant, report.path)
     with w.stream([(p.gguf_name, p.shape, p.ggml_type) for p in plan.tensors]) as out:
         for hf_name, gname, shape, t, why, imp in progress(plan.tensors, f"GGUF {plan.quant}", show_progress, unit="tensor"):
+            src = None if hf_name is None else plan._state[hf_name]
+            if isinstance(src, _Stored) and src.ggml_type == t:
+                q = src.raw()  # the layer's bytes: what was measured in PyTorch is what llama.cpp runs
+                if plan._permute and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                    q = permute_qk(q, n_head, n_head if gname.endswith("attn_q.weight") else n_kv)
+                out.write_tensor(gname, np.ascontiguousarray(q))
+                report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
+                continue
             if hf_name is None:
                 a = plan._rope_factors
+            elif isinstance(src, _Stored):  # a plan edited to another type: re-encode the layer's weight
+                a = src.layer.dequantize_weight().detach().to("cpu").numpy()
             else:
-                a = plan._state[hf_name].detach().to("cpu").float().numpy()
+                a = src.detach().to("cpu").float().numpy()
                 if plan._permute and gname.endswith("attn_q.weight"):
                     a = permute_qk(a, n_head, n_head)
                 elif plan._permute and gname.endswith("attn_k.weight"):
@@ -459,6 +468,58 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+class _Stored(NamedTuple):
+    """A quantized layer whose stored bytes are a GGUF tensor of `ggml_type` (row by row)."""
+
+    layer: Any
+    ggml_type: str
+
+    def raw(self) -> np.ndarray:
+        """The stored bytes as uint8 ``[out, row_bytes]``."""
+        b = self.layer._storage().detach().to("cpu").contiguous()
+        return b.numpy() if b.dtype == torch.uint8 else b.view(torch.uint8).numpy()
+
+
+def _stored_layers(model) -> Dict[str, "_Stored"]:
+    """{module name: _Stored} for every QuantizedLinear of `model`; a layer whose storage has no
+    GGUF type (int8 / int4 / nf4, or with a protect table) is refused, naming the formats that
+    export as they are."""
+    from ..quant.config import PACKED_FORMATS
+    from ..quant.nn import QuantizedLinear
+
+    out: Dict[str, _Stored] = {}
+    for n, m in model.named_modules():
+        if not isinstance(m, QuantizedLinear):
+            continue
+        d = m.qdtype
+        t = {"fp16": "F16", "bf16": "BF16"}.get(d.value) or (PACKED_FORMATS[d.value]["ggml_type"] if d.is_packed else None)
+        if t is None or m.n_protect:
+            why = "its protected weights have no GGUF form" if t is not None else f"{d} has no GGUF tensor type"
+            gguf_ready = ", ".join(k for k, f in PACKED_FORMATS.items() if f["ggml_type"])
+            raise UnsupportedFormatError(
+                f"this layer is diffulex-edge quantized and {why}; quantize with a GGUF format ({gguf_ready}, fp16, "
+                "bf16) to export its bytes as they are, or export the float model (diffulex_edge.quant.dequantize_model "
+                "gives it back; export_gguf then encodes every weight itself)", layer=n)
+        out[n] = _Stored(m, t)
+    return out
+
+
+def _export_state(model, stored: Mapping[str, "_Stored"]) -> Dict[str, Any]:
+    """The model's state dict in order, with each stored layer's buffers replaced by one
+    ``<layer>.weight`` entry (its _Stored) at the place of its weight buffer, bias kept."""
+    state: Dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        owner, _, buf = key.rpartition(".")
+        if owner in stored:
+            if buf == stored[owner].layer.format.storage_buffer():
+                state[f"{owner}.weight"] = stored[owner]
+            elif buf == "bias":
+                state[key] = value
+            continue
+        state[key] = value
+    return state
 
 
 _BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
