@@ -55,12 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must differ from MODEL_DIR)")
     # defaults are applied after --config is read (see _QUANTIZE_DEFAULTS): a flag given on the
     # command line overrides the file, even when it names the default value
-    q.add_argument("--scheme", default=None, metavar="NAME",
-                   help="a scheme name, as compare --schemes takes: fp16, bf16, int8, w8a8-dynamic, w8a8-static, "
-                   "int4-g32 ... int4-g256, optionally -sym/-asym (instead of --dtype/--group-size/--mode)")
-    from .quant.config import INT4_GROUP_SIZES, MODES, QuantizationDtype
+    from .quant.config import INT4_GROUP_SIZES, MODES, SCHEME_HELP, QuantizationDtype
 
-    q.add_argument("--dtype", default=None, choices=[d.value for d in QuantizationDtype], help="weight format (default int8)")
+    def dtype_arg(value: str) -> str:  # any case: Q4_K -> q4_K
+        try:
+            return QuantizationDtype.parse(value).value
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    q.add_argument("--scheme", default=None, metavar="NAME",
+                   help=f"a scheme name, as compare --schemes takes: {SCHEME_HELP} (instead of --dtype/--group-size/--mode)")
+    q.add_argument("--dtype", default=None, type=dtype_arg, choices=[d.value for d in QuantizationDtype],
+                   help="weight format (default int8)")
     q.add_argument("--group-size", type=int, default=None, choices=list(INT4_GROUP_SIZES), help="INT4 group length (default 128)")
     q.add_argument("--mode", default=None, choices=list(MODES),
                    help="INT8 only: also quantize activations per token (dynamic) or with calibrated scales (static)")

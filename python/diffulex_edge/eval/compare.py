@@ -24,12 +24,13 @@ SchemeLike = Union[str, QuantizationConfig, Tuple[str, Optional[QuantizationConf
 def parse_scheme(scheme: SchemeLike, exclude_layers: Sequence[str] = ()) -> Tuple[str, Optional[QuantizationConfig]]:
     """`"fp32"` (the unquantized reference), `"fp16"`, `"bf16"`, `"int8"` (weight-only),
     `"w8a8-dynamic"`, `"w8a8-static"`, `"int4-g32"` ... `"int4-g256"`, each optionally suffixed
-    `-sym`/`-asym`; or a QuantizationConfig; or a (label, config) pair."""
+    `-sym`/`-asym`, or a packed format (`"q4_K"`, `"iq4_xs"`, `"nf4"`, ...); or a
+    QuantizationConfig; or a (label, config) pair."""
     if isinstance(scheme, tuple):
         label, cfg = scheme
         return str(label), cfg
     if isinstance(scheme, QuantizationConfig):
-        label = f"{scheme.dtype}" + (f"-g{scheme.group_size}" if str(scheme.dtype) == "int4" else "")
+        label = f"{scheme.dtype}" + (f"-g{scheme.group_size}" if str(scheme.dtype) == "int4" else "")  # q4_K, nf4, ...
         if scheme.mode != "weight_only":
             label = f"w8a8-{scheme.mode}"
         return label, scheme
@@ -37,7 +38,8 @@ def parse_scheme(scheme: SchemeLike, exclude_layers: Sequence[str] = ()) -> Tupl
     if label == "fp32":
         return label, None
     try:
-        return label, QuantizationConfig.from_scheme(label, exclude_layers=list(exclude_layers))
+        cfg = QuantizationConfig.from_scheme(label, exclude_layers=list(exclude_layers))
+        return (cfg.dtype.value if cfg.dtype.is_packed else label), cfg
     except ConfigError as e:
         raise ConfigError(f"{e}; or fp32 (the unquantized reference), or pass a QuantizationConfig") from None
 
