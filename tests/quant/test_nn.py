@@ -278,7 +278,7 @@ def test_buffers_shapes_dtypes_and_storage_bytes():
         ),
     }
     for dtype, (buffers, weight_bytes) in cases.items():
-        q = QuantizedLinear.from_linear(lin, dtype, group_size=32)
+        q = QuantizedLinear.from_linear(lin, dtype, group_size=32, on_indivisible="pad")  # 70: a short last group
         got = {k_: (tuple(v.shape), v.dtype) for k_, v in q.named_buffers() if k_ != "bias"}
         assert got == buffers, dtype
         assert q.bias.dtype == torch.float32 and torch.equal(q.bias, lin.bias.detach())
@@ -289,6 +289,20 @@ def test_buffers_shapes_dtypes_and_storage_bytes():
 def test_static_layer_has_act_scale_buffer():
     _, q = w8a8_layer(8, 2, "static", act_scale=0.5)
     assert "act_scale" in q.state_dict() and q.act_scale.shape == ()
+
+
+def test_from_linear_refuses_indivisible_widths_as_quantize_does():
+    lin = nn.Linear(70, 4)
+    with pytest.raises(ShapeError, match="on_indivisible='pad'") as e:
+        QuantizedLinear.from_linear(lin, "int4", group_size=32, name="odd")
+    model = nn.Sequential(lin)
+    with pytest.raises(ShapeError) as e2:
+        quantize_(model, QuantizationConfig(dtype="int4", group_size=32))
+    assert str(e.value).split(": ", 1)[1] == str(e2.value).split(": ", 1)[1]  # one message, the layer name aside
+    with pytest.raises(ShapeError, match="block size"):
+        QuantizedLinear.from_linear(lin, "q4_0", on_indivisible="pad")  # block formats cannot pad
+    with pytest.raises(ConfigError, match="on_indivisible"):
+        QuantizedLinear.from_linear(lin, "int4", group_size=32, on_indivisible="skip")
 
 
 def test_original_layer_is_not_modified():

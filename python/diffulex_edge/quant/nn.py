@@ -107,6 +107,7 @@ class QuantizedLinear(nn.Module):
         name: Optional[str] = None,
         importance: Optional[Any] = None,
         protect: Optional[Any] = None,
+        on_indivisible: str = "error",
     ) -> "QuantizedLinear":
         """Quantize an ``nn.Linear`` (the original is not modified). Buffers end up on the
         layer's device; the quantization itself runs in Rust on CPU.
@@ -116,6 +117,9 @@ class QuantizedLinear(nn.Module):
         protect: ``(row, col)`` pairs (a list or an int tensor ``[n, 2]``) kept in float16 in a
             sparse side table; they are held out (set to 0) while the rest is quantized, so an
             outlier such as a super weight does not stretch its row's or group's scale.
+        on_indivisible: an in_features that is not whole INT4 groups / format blocks raises
+            :class:`ShapeError` (``"error"``, as ``quantize_`` does) or, for INT4 only, gets a
+            shorter last group (``"pad"``).
         """
         if not isinstance(linear, nn.Linear):
             raise UnsupportedFormatError(
@@ -127,6 +131,11 @@ class QuantizedLinear(nn.Module):
                 f"weight dtype {w.dtype} is not a float type; only float weights can be quantized",
                 layer=name,
             )
+        if on_indivisible not in ("error", "pad"):
+            raise ConfigError(f"on_indivisible must be 'error' or 'pad' for one layer, got {on_indivisible!r}", layer=name)
+        err = indivisible_error(QuantizationDtype.parse(dtype), group_size, linear.in_features, name)
+        if err is not None and (on_indivisible == "error" or QuantizationDtype.parse(dtype).is_packed):
+            raise err
         has_bias = linear.bias is not None
         pidx = _protect_index(protect, linear.out_features, linear.in_features, name)
         q = cls(
@@ -372,6 +381,31 @@ _SPEC_DEFAULTS: Dict[str, Any] = {
 }
 _BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _MAX_FEATURES = 2**31 - 1
+
+
+def indivisible_error(dtype: QuantizationDtype, group_size: int, in_features: int,
+                      layer: Optional[str]) -> Optional[ShapeError]:
+    """The ShapeError of a layer whose input width is not whole INT4 groups / format blocks (with
+    the fixes that apply, and a short ``reason``), or None when it fits. One message for
+    ``quantize_`` and ``QuantizedLinear.from_linear``."""
+    if dtype == QuantizationDtype.INT4:
+        if group_size not in INT4_GROUP_SIZES or in_features % group_size == 0:
+            return None  # (a bad group size is the format's own ConfigError)
+        smaller = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        hint = f", or use group_size={smaller[-1]}" if smaller else ""
+        reason = f"in_features={in_features} is not a multiple of group_size ({group_size})"
+        fixes = ("pass on_indivisible='pad' (the last group of each row is shorter) or on_indivisible='skip' "
+                 f"(keep this layer in full precision){hint}")
+    else:
+        if in_features % dtype.block_size == 0:
+            return None
+        fits = [d.value for d in QuantizationDtype if d.is_packed and in_features % d.block_size == 0]
+        reason = f"in_features={in_features} is not a multiple of the {dtype} block size ({dtype.block_size})"
+        fixes = ("pass on_indivisible='skip' (keep this layer in full precision), exclude it, or use a format whose "
+                 f"blocks fit: {', '.join(fits) or 'int8, or int4 with on_indivisible=pad'}")
+    err = ShapeError(f"{reason}; {fixes}", layer=layer)
+    err.reason = reason
+    return err
 
 
 def _is_int(v: Any) -> bool:

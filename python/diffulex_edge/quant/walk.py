@@ -18,7 +18,7 @@ from torch import nn
 from .._progress import progress
 from ..errors import NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
 from .config import QuantizationConfig, QuantizationDtype
-from .nn import QuantizedLinear
+from .nn import QuantizedLinear, indivisible_error
 from .result import LayerRecord, QuantizationResult
 
 log = logging.getLogger("diffulex_edge.quant")
@@ -114,31 +114,14 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
             raise UnsupportedFormatError(
                 f"weight dtype {w.dtype} is not a float type; only float weights can be quantized", layer=name
             )
-        unit = cfg.group_size if cfg.dtype == QuantizationDtype.INT4 else cfg.dtype.block_size
-        if mod.in_features % unit != 0:
-            what = "group_size" if cfg.dtype == QuantizationDtype.INT4 else f"the {cfg.dtype} block size"
+        err = indivisible_error(cfg.dtype, cfg.group_size, mod.in_features, name)
+        if err is not None:
             if cfg.on_indivisible == "skip":
-                skipped[name] = f"in_features={mod.in_features} is not a multiple of {what} ({unit})"
+                skipped[name] = err.reason
                 warns.append(f"{name}: kept in full precision ({skipped[name]})")
                 continue
-            if cfg.dtype.is_packed:
-                # block formats have no short last block: "pad" does not apply
-                fits = [d.value for d in QuantizationDtype if d.is_packed and mod.in_features % d.block_size == 0]
-                raise ShapeError(
-                    f"in_features={mod.in_features} is not a multiple of {what} ({unit}); pass on_indivisible='skip' "
-                    f"(keep this layer in full precision), exclude it, or use a format whose blocks fit: "
-                    f"{', '.join(fits) or 'int8, int4 with on_indivisible=pad'}",
-                    layer=name,
-                )
-            if cfg.on_indivisible == "error":
-                smaller = [g for g in (32, 64, 128, 256) if mod.in_features % g == 0]
-                hint = f", or use group_size={smaller[-1]}" if smaller else ""
-                raise ShapeError(
-                    f"in_features={mod.in_features} is not divisible by group_size={cfg.group_size}; "
-                    f"pass on_indivisible='pad' (the last group of each row is shorter) or "
-                    f"on_indivisible='skip' (keep this layer in full precision){hint}",
-                    layer=name,
-                )
+            if cfg.on_indivisible == "error" or cfg.dtype.is_packed:  # block formats cannot pad
+                raise err
             padded.add(name)
         if cfg.dtype == QuantizationDtype.FP16:
             wmax = float(w.detach().abs().max()) if w.numel() else 0.0
@@ -219,7 +202,7 @@ def quantize_model(
             lin, cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric,
             act_mode=cfg.mode, act_scale=(act_scales or {}).get(name), kernel=cfg.kernel, name=name,
             importance=_lookup(importance, name) if cfg.dtype.takes_importance else None,
-            protect=_lookup(protect, name),
+            protect=_lookup(protect, name), on_indivisible="pad" if name in plan.padded else "error",
         )
         w = lin.weight.detach().to(torch.float32)
         err = (q.dequantize_weight().to(w.device) - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny)
