@@ -23,8 +23,8 @@ from torch import nn
 
 from .._io import atomic_write
 from ..errors import ConfigError
-from .collect import ActivationStats, CollectedStats, StatsHooks
-from .dataset import CalibrationDataset, run_batch
+from ..quant.act_stats import ActivationStats, CollectedStats, StatsHooks
+from ..quant.calib_data import CalibrationDataset, run_batch
 
 STATE = "state.pt"
 INPUTS = "inputs.pt"

@@ -25,8 +25,8 @@ from torch import nn
 
 from .. import _native
 from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
-from .collect import collect_stats
-from .dataset import as_calibration
+from ..quant.act_stats import collect_stats
+from ..quant.calib_data import as_calibration
 
 #: (norm child, consumer children) per decoder-block layout, matched on each module's children.
 LAYOUTS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .collect import collect_stats, linear_names
+from ..quant.act_stats import collect_stats, linear_names
 
 #: Module-name endings of MLP down projections (Llama/Mistral/Qwen, OPT, Falcon/GPT-NeoX, Mixtral).
 DOWN_PROJ = ("down_proj", "fc2", "dense_4h_to_h", "w2")

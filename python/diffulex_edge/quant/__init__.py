@@ -16,7 +16,9 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from .api import dequantize_model, get_quantization_info, quantize_, quantize_model_ptq
+from .calib_data import CalibrationDataset
 from .config import INT4_GROUP_SIZES, PACKED_FORMATS, QuantizationConfig, QuantizationDtype
+from .importance import ImportanceMatrix
 from .nn import QuantizedLinear
 from .quantizers import (
     QUANTIZERS,
@@ -32,22 +34,10 @@ from .result import LayerRecord, QuantizationResult
 from .serialization import load_quantized, read_quantized_metadata, save_quantized
 from .walk import model_size_bytes
 
-#: Calibration names re-exported lazily from :mod:`diffulex_edge.calib` (which imports this package).
-_CALIB = ("CalibrationDataset", "ImportanceMatrix", "SmoothQuantConfig", "compute_imatrix", "find_super_weights",
-          "smoothquant_w8a8")
-
-
-def __getattr__(name: str):
-    if name in _CALIB:
-        from .. import calib
-
-        return getattr(calib, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "BF16Quantizer",
     "BaseQuantizer",
+    "CalibrationDataset",
     "BlockQuantizer",
     "ConfigError",
     "CorruptFileError",
@@ -55,6 +45,7 @@ __all__ = [
     "INT4Quantizer",
     "INT4_GROUP_SIZES",
     "INT8Quantizer",
+    "ImportanceMatrix",
     "LayerRecord",
     "NonFiniteWeightError",
     "PACKED_FORMATS",

@@ -85,7 +85,7 @@ class BaseQuantizer:
                     "mode='static' fixes activation scales from calibration: pass calibration_data "
                     "(an iterable of model inputs), or use mode='dynamic'"
                 )
-            from ..calib.observers import activation_scales
+            from .observers import activation_scales
 
             names = [n for n, _ in plan_layers(model, cfg).layers]
             act_scales = activation_scales(model, names, calibration_data, cfg.observer, cfg.percentile)
@@ -93,7 +93,7 @@ class BaseQuantizer:
         if cfg.is_enabled and (imatrix is not None or cfg.imatrix is not None):
             if not cfg.dtype.takes_importance:
                 raise ConfigError(f"dtype {cfg.dtype} does not use an imatrix; {_IMATRIX_FORMATS}")
-            from ..calib.imatrix import resolve_imatrix
+            from .importance import resolve_imatrix
 
             importance = resolve_imatrix(imatrix if imatrix is not None else cfg.imatrix, model)
         table = None

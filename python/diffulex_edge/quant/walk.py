@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._progress import progress
-from ..errors import NonFiniteWeightError, QuantizationError, ShapeError, UnsupportedFormatError
+from ..errors import NonFiniteWeightError, QuantizationError, UnsupportedFormatError
 from .config import QuantizationConfig, QuantizationDtype
 from .nn import QuantizedLinear, indivisible_error
 from .result import LayerRecord, QuantizationResult

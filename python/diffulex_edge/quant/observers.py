@@ -17,9 +17,9 @@ from torch import nn
 
 from .. import _native
 from ..errors import ConfigError
-from ..quant._ops import ACT_QMAX
-from ..quant.config import OBSERVERS
-from .collect import ActivationStats, collect_stats
+from ._ops import ACT_QMAX
+from .act_stats import ActivationStats, collect_stats
+from .config import OBSERVERS
 
 
 def clip_value(stats: ActivationStats, observer: str = "minmax", percentile: float = 99.99) -> float:

@@ -18,8 +18,8 @@ from torch import nn
 
 from .. import _native
 from ..errors import ConfigError, QuantizationError
-from ..quant.nn import QuantizedLinear
-from .dataset import CalibrationDataset, as_calibration, run_batch
+from .calib_data import CalibrationDataset, as_calibration, run_batch
+from .nn import QuantizedLinear
 
 
 def as_rows(x: torch.Tensor, features: int) -> np.ndarray:
