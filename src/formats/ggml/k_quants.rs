@@ -325,12 +325,20 @@ impl BlockFormat for Q2K {
     fn dequantize_block(bytes: &[u8], out: &mut [f32]) {
         let b: &BlockQ2K = block_ref(bytes);
         let (d, dmin) = (f16_val(b.d), f16_val(b.dmin));
-        for (e, o) in out.iter_mut().enumerate().take(QK_K) {
-            let s = b.scales[e / 16];
-            let dl = d * (s & 0x0F) as f32;
-            let ml = dmin * (s >> 4) as f32;
-            let (byte, shift) = two_bit_pos(e);
-            *o = dl * ((b.qs[byte] >> shift) & 3) as f32 - ml;
+        // the loops of `two_bit_pos` unrolled so each innermost run of 16 weights has one shift,
+        // one scale and consecutive bytes (vectorizable); the same floats as weight by weight
+        for half in 0..2 {
+            for j in 0..4 {
+                for sub in 0..2 {
+                    let s = b.scales[half * 8 + j * 2 + sub];
+                    let (dl, ml) = (d * (s & 0x0F) as f32, dmin * (s >> 4) as f32);
+                    let qs = &b.qs[half * 32 + sub * 16..half * 32 + sub * 16 + 16];
+                    let o = &mut out[half * 128 + j * 32 + sub * 16..half * 128 + j * 32 + sub * 16 + 16];
+                    for (o, q) in o.iter_mut().zip(qs) {
+                        *o = dl * ((*q as u32 >> (2 * j)) & 3) as f32 - ml;
+                    }
+                }
+            }
         }
     }
 }
@@ -395,11 +403,21 @@ impl BlockFormat for Q3K {
             let hi = (b.scales[8 + k % 4] >> (2 * (k / 4))) & 3;
             *o = d * ((lo | (hi << 4)) as i32 - 32) as f32;
         }
-        for (e, o) in out.iter_mut().enumerate().take(QK_K) {
-            let (byte, shift) = two_bit_pos(e);
-            let low = ((b.qs[byte] >> shift) & 3) as i32;
-            let high = ((b.hmask[e % 32] >> (e / 32)) & 1) as i32;
-            *o = dl[e / 16] * (low - 4 * (1 - high)) as f32;
+        // `two_bit_pos` and the hmask bit unrolled as in Q2_K's decoder (same floats)
+        for half in 0..2 {
+            for j in 0..4 {
+                for sub in 0..2 {
+                    let scale = dl[half * 8 + j * 2 + sub];
+                    let qs = &b.qs[half * 32 + sub * 16..half * 32 + sub * 16 + 16];
+                    let hm = &b.hmask[sub * 16..sub * 16 + 16];
+                    let o = &mut out[half * 128 + j * 32 + sub * 16..half * 128 + j * 32 + sub * 16 + 16];
+                    for ((o, q), h) in o.iter_mut().zip(qs).zip(hm) {
+                        let low = ((*q as u32 >> (2 * j)) & 3) as i32;
+                        let high = ((*h as u32 >> (half * 4 + j)) & 1) as i32;
+                        *o = scale * (low - 4 * (1 - high)) as f32;
+                    }
+                }
+            }
         }
     }
 }
@@ -442,10 +460,23 @@ impl BlockFormat for Q6K {
         for (o, s) in dl.iter_mut().zip(&b.scales) {
             *o = d * (*s as i8) as f32;
         }
-        for (e, o) in out.iter_mut().enumerate().take(QK_K) {
-            let (qlb, qls, qhb, qhs) = q6_pos(e);
-            let q = (((b.ql[qlb] >> qls) & 0x0F) | (((b.qh[qhb] >> qhs) & 3) << 4)) as i32 - 32;
-            *o = dl[e / 16] * q as f32;
+        // `q6_pos` unrolled: runs of 16 weights with one scale and shift, consecutive bytes (same floats)
+        for h in 0..2 {
+            for j in 0..4 {
+                for sub in 0..2 {
+                    let scale = dl[h * 8 + j * 2 + sub];
+                    let l0 = sub * 16;
+                    let ql = &b.ql[h * 64 + (j % 2) * 32 + l0..h * 64 + (j % 2) * 32 + l0 + 16];
+                    let qh = &b.qh[h * 32 + l0..h * 32 + l0 + 16];
+                    let o = &mut out[h * 128 + j * 32 + l0..h * 128 + j * 32 + l0 + 16];
+                    for ((o, lo), hi) in o.iter_mut().zip(ql).zip(qh) {
+                        // widened first: a uniform shift of 32-bit lanes vectorizes, of bytes it does not
+                        let q =
+                            (((*lo as u32 >> (4 * (j / 2))) & 0x0F) | (((*hi as u32 >> (2 * j)) & 3) << 4)) as i32 - 32;
+                        *o = scale * q as f32;
+                    }
+                }
+            }
         }
     }
 }
