@@ -139,6 +139,11 @@ class QuantizationConfig:
             the packed formats with ``dtype.takes_importance``: each group's (block's) scales
             minimise the importance-weighted error. Quantizers also
             take ``imatrix=`` (an :class:`~diffulex_edge.calib.ImportanceMatrix`) directly.
+        check_coherence: run the quantized model and the original on a few inputs (the
+            calibration data, else random token ids for a model with ``config.vocab_size``) and
+            warn, with the measured KL divergence and top-1 agreement, when the output has
+            collapsed (``result.coherence``). ``None`` (default): only for formats below 3 bits
+            per weight (q2_K, tq2_0, tq1_0). See :mod:`diffulex_edge.quant.coherence`.
     """
 
     dtype: Optional[Union[QuantizationDtype, str]] = None
@@ -153,6 +158,7 @@ class QuantizationConfig:
     observer: str = "minmax"
     percentile: float = 99.99
     imatrix: Optional[str] = None
+    check_coherence: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -182,6 +188,8 @@ class QuantizationConfig:
             )
         if self.kernel not in KERNELS:
             raise ConfigError(f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}")
+        if self.check_coherence is not None and not isinstance(self.check_coherence, bool):
+            raise ConfigError(f"check_coherence must be true, false or null, got {self.check_coherence!r}")
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise ConfigError(f"enabled must be true or false, got {self.enabled!r}")
         if self.observer not in OBSERVERS:

@@ -104,7 +104,7 @@ class BaseQuantizer:
                     f"protect must map layer names to (row, col) pairs or be a find_super_weights result, got {type(protect).__name__}"
                 )
         return quantize_model(model, cfg, inplace=inplace, act_scales=act_scales, importance=importance, protect=table,
-                              show_progress=self.show_progress)
+                              show_progress=self.show_progress, calibration_data=calibration_data)
 
 
 class FP16Quantizer(BaseQuantizer):

@@ -69,6 +69,9 @@ class QuantizationResult:
     layers: List[LayerRecord] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    #: the coherence check's :class:`~diffulex_edge.quant.coherence.CoherenceReport` (formats
+    #: below 3 bits per weight, or ``check_coherence=True``), else None
+    coherence: Optional[Any] = None
 
     @property
     def dtype(self) -> Optional[QuantizationDtype]:
@@ -112,6 +115,9 @@ class QuantizationResult:
             "layers": [r.to_dict() for r in self.layers],
             "skipped": dict(self.skipped),
             "warnings": list(self.warnings),
+            "coherence": None if self.coherence is None else {
+                "kl": self.coherence.kl, "top1": self.coherence.top1, "tokens": self.coherence.tokens,
+                "source": self.coherence.source, "degraded": self.coherence.degraded},
         }
 
     def _headline(self) -> str:
@@ -139,6 +145,8 @@ class QuantizationResult:
                 )
             if len(self.layers) > max_layers:
                 lines.append(f"  ... {len(self.layers) - max_layers} more layer(s)")
+        if self.coherence is not None:
+            lines.append(f"  coherence: {self.coherence!r}")
         for name, why in list(self.skipped.items())[:max_layers]:
             lines.append(f"  skipped {name}: {why}")
         for w in self.warnings:
@@ -167,6 +175,8 @@ class QuantizationResult:
             f"<p><b>{esc(self._headline())}</b></p>",
             head + rows + "</tbody></table>" if self.layers else "<p>No layers were quantized.</p>",
         ]
+        if self.coherence is not None:
+            parts.append(f"<p>coherence: {esc(repr(self.coherence))}</p>")
         if skipped:
             parts.append(f"<details><summary>{len(self.skipped)} skipped layer(s)</summary><ul>{skipped}</ul></details>")
         if warns:

@@ -168,6 +168,7 @@ def quantize_model(
     importance: Optional[Mapping[str, Any]] = None,
     protect: Optional[Mapping[str, Any]] = None,
     show_progress: Optional[bool] = None,
+    calibration_data: Optional[Any] = None,
 ) -> QuantizationResult:
     """Quantize every eligible Linear layer of `model` as `cfg` says.
 
@@ -213,6 +214,7 @@ def quantize_model(
         )
         new_modules[name] = q
         log.debug("quantized %s (%dx%d) to %s: weight rel. error %.3e", name, lin.out_features, lin.in_features, fmt, float(err))
+    coherence = _Coherence(cfg, model, calibration_data, bool(new_modules) and "" not in new_modules)
     if inplace:
         out = new_modules.get("", model)  # a bare nn.Linear cannot be replaced in place
         for name, q in new_modules.items():
@@ -226,13 +228,61 @@ def quantize_model(
             raise QuantizationError(
                 f"could not copy the model ({e}); pass inplace=True to quantize it in place"
             ) from e
+    report = coherence.finish(out, fmt, plan.warnings)
     for w in plan.warnings:
         log.warning(w)
     result = QuantizationResult(
-        out, cfg, original_size, model_size_bytes(out), time.perf_counter() - t0, records, plan.skipped, plan.warnings
+        out, cfg, original_size, model_size_bytes(out), time.perf_counter() - t0, records, plan.skipped, plan.warnings,
+        report,
     )
     log.info("%s", result._headline())
     return result
+
+
+class _Coherence:
+    """The coherence check of quant/coherence.py around the module swap: the original's outputs
+    before, the quantized model's after. A model that cannot be run on the inputs (or gives no
+    tensor output) skips the check with a log line; it never fails the quantization."""
+
+    def __init__(self, cfg: QuantizationConfig, model: nn.Module, calibration_data: Any, possible: bool) -> None:
+        from . import coherence as co
+
+        self.co, self.ref, self.inputs, self.source = co, None, None, ""
+        on = cfg.check_coherence if cfg.check_coherence is not None else float(cfg.dtype.bits) < co.LOW_BITS
+        if not (on and possible):
+            return
+        found = co.check_inputs(model, calibration_data)
+        if found is None:
+            log.info("coherence check skipped: no calibration_data and the model has no config.vocab_size")
+            return
+        self.inputs, self.source = found
+        self.ref = self._run(model)
+
+    def _run(self, model: nn.Module) -> Optional[List[torch.Tensor]]:
+        was = model.training
+        model.eval()
+        try:
+            return self.co.model_outputs(model, self.inputs)
+        except Exception as e:  # the check is advice: a model it cannot run is not an error
+            log.info("coherence check skipped: the model could not be run on %s (%s: %s)", self.source,
+                     type(e).__name__, e)
+            return None
+        finally:
+            model.train(was)
+
+    def finish(self, out: nn.Module, fmt: str, warns: List[str]) -> Optional[Any]:
+        if self.ref is None:
+            return None
+        got = self._run(out)
+        if got is None:
+            return None
+        report = self.co.compare(self.ref, got, self.source)
+        log.info("%r", report)
+        if report.degraded:
+            msg = self.co.advice(report, fmt)
+            warns.append(msg)
+            _warnings.warn(msg, stacklevel=3)
+        return report
 
 
 # ---- calibration ---------------------------------------------------------------------------
