@@ -108,8 +108,8 @@ def main() -> None:
         run([bins / "llama-imatrix", "-m", f32, "-f", a.imatrix_text, "-o", imat, "--chunks", a.chunks, "-t", a.threads])
     print(f"SmolLM2-135M-Instruct from FP32, WikiText-2 test, {a.chunks} chunks of 512 tokens, "
           f"imatrix: {'llama-imatrix on ' + a.imatrix_text if imat else 'none'}; KL vs FP32 in nats/token")
-    print(f"| type | ours KL | llama.cpp KL | ours PPL | llama.cpp PPL | ours same-top | llama.cpp same-top "
-          f"| ours MiB | llama.cpp MiB |\n|---|---|---|---|---|---|---|---|---|")
+    print("| type | ours KL | llama.cpp KL | ours PPL | llama.cpp PPL | ours same-top | llama.cpp same-top "
+          "| ours MiB | llama.cpp MiB |\n|---|---|---|---|---|---|---|---|---|")
     for t in a.types.split(","):
         ours_path, theirs_path = work / f"ours-{t}.gguf", work / f"llama-{t}.gguf"
         q = smollm2_fp32()[0]
