@@ -1,6 +1,7 @@
 //! Weight formats. Each module has a scalar `*_ref` reference that is obviously correct and a
 //! fast path (rayon over rows, loops written for auto-vectorization) tested bit-exact against it.
 
+pub mod bitnet;
 pub mod ggml;
 pub mod half_float;
 pub mod int4;

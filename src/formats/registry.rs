@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
+use super::bitnet::BitNet;
 use super::ggml::block::{self as gb, BlockFormat, GgmlType, QuantMode};
 use super::ggml::{iq, k_quants as kq, legacy, ternary};
 use super::nf4::Nf4;
@@ -140,6 +141,7 @@ pub static REGISTRY: &[&dyn PackedFormat] = &[
     &Ggml::<ternary::TQ2_0>::NEW,
     &Ggml::<ternary::TQ1_0>::NEW,
     &Nf4,
+    &BitNet,
 ];
 
 /// The packed format called `name` (case-insensitive except that `q4_k` also finds `q4_K`);

@@ -101,6 +101,33 @@ def test_llama_perplexity_matches_pytorch_on_the_same_weights(setup, quant):
     assert ppl_llama == pytest.approx(ours, rel=0.005), (ppl_llama, ours)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_1", "q4_0", "iq4_nl"])
+def test_model_quantized_in_pytorch_runs_in_llama_cpp_as_measured(setup, fmt):
+    """quantize_ in PyTorch, then export: llama.cpp runs the bytes the PyTorch model computed with
+    (no second quantization), so llama.cpp's perplexity of the file equals the perplexity of the
+    quantized PyTorch model itself (not of a reload). quant="F32" keeps the tensors the model did
+    not quantize (embeddings, norms) in float, as they are in the PyTorch model."""
+    import copy
+
+    from diffulex_edge.eval import llama_cpp_perplexity
+    from diffulex_edge.export import export_gguf
+    from diffulex_edge.quant import quantize_
+
+    d, text_path, model, tok = setup
+    q = copy.deepcopy(model)
+    quantize_(q, fmt)
+    path = d / f"pytorch-{fmt}.gguf"
+    export_gguf(q, path, quant="F32", tokenizer=tok)
+    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
+    chunks = ids.numel() // CTX - 1
+    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
+              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
+    ppl_llama = float(dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))[str(chunks)])
+    ours = llama_cpp_perplexity(q, ids, n_ctx=CTX, max_chunks=chunks).perplexity
+    # the tolerance of test_llama_perplexity_matches_pytorch_on_the_same_weights (same reasons)
+    assert ppl_llama == pytest.approx(ours, rel=0.005), (ppl_llama, ours)
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},

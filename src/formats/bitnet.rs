@@ -1,0 +1,143 @@
+//! BitNet b1.58 ternary weights ("The Era of 1-bit LLMs", Ma et al. 2024, eq. 1-3):
+//! `W~ = RoundClip(W / (gamma + eps), -1, 1)` with `gamma = mean |W|` (absmean), dequantized as
+//! `W~ * gamma`. The paper takes one gamma per tensor; here it is one per row (output channel),
+//! so rows decode on their own and an outlier row does not flatten the others.
+//!
+//! Row layout (`cols` a multiple of 32): `[cols / 4 bytes of 2-bit codes][f32 gamma]`, little
+//! endian; code `c` in bits `2 * (i % 4)` of byte `i / 4` stands for `c - 1` (0, 1, 2 -> -1, 0, +1;
+//! 3 never occurs). 2.0 bits per weight plus 32 bits per row.
+
+use rayon::prelude::*;
+
+use super::registry::PackedFormat;
+use crate::error::{check_len, first_non_finite, Result};
+use crate::simd::KernelLevel;
+
+/// Weights per block: a row length must be a multiple of it (the 2-bit codes fill whole bytes,
+/// and blocks of 32 line up with the kernels' 512-column panels).
+pub const BLOCK: usize = 32;
+/// The paper's epsilon in `W / (gamma + eps)`, which keeps an all-zero row finite.
+pub const EPS: f32 = 1e-5;
+
+/// The ternary format (the registry's entry).
+pub struct BitNet;
+
+fn quantize_row(x: &[f32], out: &mut [u8]) {
+    let cols = x.len();
+    let gamma = (x.iter().map(|v| v.abs() as f64).sum::<f64>() / cols.max(1) as f64) as f32;
+    let (codes, tail) = out.split_at_mut(cols / 4);
+    for (byte, xs) in codes.iter_mut().zip(x.chunks_exact(4)) {
+        let mut b = 0u8;
+        for (i, v) in xs.iter().enumerate() {
+            // round half to even, then clip to [-1, 1]: the paper's RoundClip
+            let q = (v / (gamma + EPS)).round_ties_even().clamp(-1.0, 1.0) as i32;
+            b |= ((q + 1) as u8) << (2 * i);
+        }
+        *byte = b;
+    }
+    tail.copy_from_slice(&gamma.to_le_bytes());
+}
+
+#[inline(always)]
+fn decode(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
+    let t = &row[cols / 4..cols / 4 + 4];
+    let gamma = f32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+    let levels = [-gamma, 0.0, gamma, 0.0];
+    for (o, byte) in out[..(b1 - b0) * BLOCK].chunks_exact_mut(4).zip(&row[b0 * BLOCK / 4..b1 * BLOCK / 4]) {
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = levels[((byte >> (2 * i)) & 3) as usize];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_avx2(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
+    decode(row, cols, b0, b1, out)
+}
+
+impl BitNet {
+    fn quantize_rows(&self, x: &[f32], rows: usize, cols: usize, parallel: bool) -> Result<Vec<u8>> {
+        let rb = self.row_bytes(cols)?;
+        check_len("weight", x.len(), rows * cols)?;
+        if let Some(e) = first_non_finite(x, cols) {
+            return Err(e);
+        }
+        let mut out = vec![0u8; rows * rb];
+        if rb > 0 && cols > 0 {
+            if parallel {
+                out.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each(|(o, xr)| quantize_row(xr, o));
+            } else {
+                out.chunks_mut(rb).zip(x.chunks(cols)).for_each(|(o, xr)| quantize_row(xr, o));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl PackedFormat for BitNet {
+    fn name(&self) -> &'static str {
+        "ternary"
+    }
+    fn block_size(&self) -> usize {
+        BLOCK
+    }
+    fn row_bytes_of(&self, cols: usize) -> usize {
+        cols / 4 + 4
+    }
+    fn takes_importance(&self) -> bool {
+        false
+    }
+    fn quantize(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        _imp: Option<&[f32]>,
+        _level: KernelLevel,
+    ) -> Result<Vec<u8>> {
+        self.quantize_rows(x, rows, cols, true)
+    }
+    fn quantize_ref(&self, x: &[f32], rows: usize, cols: usize, _imp: Option<&[f32]>) -> Result<Vec<u8>> {
+        self.quantize_rows(x, rows, cols, false)
+    }
+    fn decode_blocks(&self, row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32], level: KernelLevel) {
+        match level {
+            // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which
+            // check the CPU, and each of them includes AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            l if l != KernelLevel::Scalar => unsafe { decode_avx2(row, cols, b0, b1, out) },
+            _ => decode(row, cols, b0, b1, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundclip_of_the_absmean() {
+        // mean |w| = 1: values round to -1, 0, +1 and clip beyond; 0.5 ties to even (0)
+        let x: Vec<f32> = [2.5, -0.4, 0.6, -3.0, 0.5, -0.5, 1.4, 0.0].repeat(4);
+        let gamma = x.iter().map(|v| v.abs()).sum::<f32>() / 32.0;
+        let q = BitNet.quantize_ref(&x, 1, 32, None).unwrap();
+        assert_eq!(q.len(), 32 / 4 + 4);
+        assert_eq!(f32::from_le_bytes(q[8..12].try_into().unwrap()), gamma);
+        let mut y = vec![0f32; 32];
+        BitNet.decode_blocks(&q, 32, 0, 1, &mut y, KernelLevel::Scalar);
+        let want: Vec<f32> = x.iter().map(|v| (v / (gamma + EPS)).round_ties_even().clamp(-1.0, 1.0) * gamma).collect();
+        assert_eq!(y, want);
+        assert!(y.iter().all(|v| *v == 0.0 || v.abs() == gamma));
+    }
+
+    #[test]
+    fn zero_rows_and_shapes() {
+        let q = BitNet.quantize_ref(&[0f32; 64], 1, 64, None).unwrap();
+        let mut y = vec![1f32; 64];
+        BitNet.decode_blocks(&q, 64, 0, 2, &mut y, KernelLevel::Scalar);
+        assert!(y.iter().all(|v| *v == 0.0));
+        assert!(BitNet.quantize_ref(&[0f32; 48], 1, 48, None).is_err());
+        assert!(BitNet.quantize_ref(&[f32::INFINITY; 32], 1, 32, None).is_err());
+    }
+}
