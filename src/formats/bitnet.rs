@@ -7,10 +7,8 @@
 //! endian; code `c` in bits `2 * (i % 4)` of byte `i / 4` stands for `c - 1` (0, 1, 2 -> -1, 0, +1;
 //! 3 never occurs). 2.0 bits per weight plus 32 bits per row.
 
-use rayon::prelude::*;
-
-use super::registry::PackedFormat;
-use crate::error::{check_len, first_non_finite, Result};
+use super::registry::{self, PackedFormat};
+use crate::error::Result;
 use crate::simd::KernelLevel;
 
 /// Weights per block: a row length must be a multiple of it (the 2-bit codes fill whole bytes,
@@ -50,31 +48,6 @@ fn decode(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn decode_avx2(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
-    decode(row, cols, b0, b1, out)
-}
-
-impl BitNet {
-    fn quantize_rows(&self, x: &[f32], rows: usize, cols: usize, parallel: bool) -> Result<Vec<u8>> {
-        let rb = self.row_bytes(cols)?;
-        check_len("weight", x.len(), rows * cols)?;
-        if let Some(e) = first_non_finite(x, cols) {
-            return Err(e);
-        }
-        let mut out = vec![0u8; rows * rb];
-        if rb > 0 && cols > 0 {
-            if parallel {
-                out.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each(|(o, xr)| quantize_row(xr, o));
-            } else {
-                out.chunks_mut(rb).zip(x.chunks(cols)).for_each(|(o, xr)| quantize_row(xr, o));
-            }
-        }
-        Ok(out)
-    }
-}
-
 impl PackedFormat for BitNet {
     fn name(&self) -> &'static str {
         "ternary"
@@ -96,19 +69,13 @@ impl PackedFormat for BitNet {
         _imp: Option<&[f32]>,
         _level: KernelLevel,
     ) -> Result<Vec<u8>> {
-        self.quantize_rows(x, rows, cols, true)
+        registry::quantize_rows(self, x, rows, cols, true, quantize_row)
     }
     fn quantize_ref(&self, x: &[f32], rows: usize, cols: usize, _imp: Option<&[f32]>) -> Result<Vec<u8>> {
-        self.quantize_rows(x, rows, cols, false)
+        registry::quantize_rows(self, x, rows, cols, false, quantize_row)
     }
     fn decode_blocks(&self, row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32], level: KernelLevel) {
-        match level {
-            // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which
-            // check the CPU, and each of them includes AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            l if l != KernelLevel::Scalar => unsafe { decode_avx2(row, cols, b0, b1, out) },
-            _ => decode(row, cols, b0, b1, out),
-        }
+        registry::at_level(level, || decode(row, cols, b0, b1, out))
     }
 }
 

@@ -13,10 +13,8 @@
 //! bitsandbytes' bytes, except that absmax codes are the nearest code value where bitsandbytes'
 //! binary search occasionally returns a neighbour (tests/quant/test_nf4.py checks both).
 
-use rayon::prelude::*;
-
-use super::registry::PackedFormat;
-use crate::error::{check_len, first_non_finite, Result};
+use super::registry::{self, PackedFormat};
+use crate::error::Result;
 use crate::simd::KernelLevel;
 
 /// Weights per block.
@@ -145,12 +143,6 @@ fn decode(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn decode_avx2(row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32]) {
-    decode(row, cols, b0, b1, out)
-}
-
 impl PackedFormat for Nf4 {
     fn name(&self) -> &'static str {
         "nf4"
@@ -170,44 +162,16 @@ impl PackedFormat for Nf4 {
         x: &[f32],
         rows: usize,
         cols: usize,
-        imp: Option<&[f32]>,
+        _imp: Option<&[f32]>,
         _level: KernelLevel,
     ) -> Result<Vec<u8>> {
-        let rb = self.row_bytes(cols)?;
-        check_len("weight", x.len(), rows * cols)?;
-        let _ = imp;
-        if let Some(e) = first_non_finite(x, cols) {
-            return Err(e);
-        }
-        let mut out = vec![0u8; rows * rb];
-        if rb > 0 {
-            out.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each(|(o, xr)| quantize_row(xr, o));
-        }
-        Ok(out)
+        registry::quantize_rows(self, x, rows, cols, true, quantize_row)
     }
-    fn quantize_ref(&self, x: &[f32], rows: usize, cols: usize, imp: Option<&[f32]>) -> Result<Vec<u8>> {
-        let rb = self.row_bytes(cols)?;
-        check_len("weight", x.len(), rows * cols)?;
-        let _ = imp;
-        if let Some(e) = first_non_finite(x, cols) {
-            return Err(e);
-        }
-        let mut out = vec![0u8; rows * rb];
-        if rb > 0 {
-            for (o, xr) in out.chunks_mut(rb).zip(x.chunks(cols)) {
-                quantize_row(xr, o);
-            }
-        }
-        Ok(out)
+    fn quantize_ref(&self, x: &[f32], rows: usize, cols: usize, _imp: Option<&[f32]>) -> Result<Vec<u8>> {
+        registry::quantize_rows(self, x, rows, cols, false, quantize_row)
     }
     fn decode_blocks(&self, row: &[u8], cols: usize, b0: usize, b1: usize, out: &mut [f32], level: KernelLevel) {
-        match level {
-            // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which
-            // check the CPU, and each of them includes AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            l if l != KernelLevel::Scalar => unsafe { decode_avx2(row, cols, b0, b1, out) },
-            _ => decode(row, cols, b0, b1, out),
-        }
+        registry::at_level(level, || decode(row, cols, b0, b1, out))
     }
 }
 

@@ -156,6 +156,52 @@ pub fn lookup(name: &str) -> Result<&'static dyn PackedFormat> {
     })
 }
 
+/// The quantize driver of a format whose rows quantize independently: checks the shape and
+/// that every weight is finite, then runs `row(x_row, out_row)` on each row, in parallel
+/// (rayon) or one after the other (the scalar reference); both give the same bytes.
+pub fn quantize_rows(
+    f: &dyn PackedFormat,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    parallel: bool,
+    row: impl Fn(&[f32], &mut [u8]) + Sync,
+) -> Result<Vec<u8>> {
+    let rb = f.row_bytes(cols)?;
+    check_len("weight", x.len(), rows * cols)?;
+    if let Some(e) = crate::error::first_non_finite(x, cols) {
+        return Err(e);
+    }
+    let mut out = vec![0u8; rows * rb];
+    if rb > 0 && cols > 0 {
+        if parallel {
+            out.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each(|(o, xr)| row(xr, o));
+        } else {
+            out.chunks_mut(rb).zip(x.chunks(cols)).for_each(|(o, xr)| row(xr, o));
+        }
+    }
+    Ok(out)
+}
+
+/// Run `decode` compiled for AVX2 + FMA at every level above Scalar (all of which include them),
+/// as is otherwise: the decoders of the registry's own formats are written once and vectorized
+/// by the compiler under the wider target features (the same floats at every level).
+#[inline(always)]
+pub fn at_level(level: KernelLevel, decode: impl FnOnce()) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(decode: impl FnOnce()) {
+        decode()
+    }
+    match level {
+        // SAFETY: levels above Scalar only come from `KernelLevel::detect`/`resolve`, which check
+        // the CPU, and each of them includes AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        l if l != KernelLevel::Scalar => unsafe { avx2(decode) },
+        _ => decode(),
+    }
+}
+
 fn check_packed(f: &dyn PackedFormat, packed: &[u8], cols: usize) -> Result<(usize, usize)> {
     let rb = f.row_bytes(cols)?;
     let rows = packed.len().checked_div(rb).unwrap_or(0);
