@@ -190,3 +190,4 @@ def test_bad_shapes_and_arguments_name_the_layer():
     assert type(model[0]) is nn.Linear and "0" in result.skipped
     with pytest.raises(Exception, match="does not use importance"):
         QuantizedLinear.from_linear(gaussian_linear(256, 4), "nf4", importance=torch.ones(256))
+

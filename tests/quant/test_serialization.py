@@ -534,6 +534,24 @@ def test_schema_violations_are_corrupt_file_errors_naming_the_key(tmp_path, save
     assert all(torch.equal(skeleton.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("ext", EXTS)
+def test_a_packed_width_the_format_cannot_hold_is_corrupt(tmp_path, ext):
+    """A file saying q4_K for a 100-wide layer (the skeleton agreeing) cannot have been written by
+    save_quantized: CorruptFileError naming the key, not an error from the layer's construction."""
+    model = nn.Sequential(nn.Linear(256, 8))
+    quantize_(model, "q4_K")
+    good, bad = tmp_path / f"good{ext}", tmp_path / f"bad{ext}"
+    save_quantized(model, good)
+
+    def narrow(meta):
+        meta["layers"]["0"]["in_features"] = 100
+        return meta
+
+    _rewrite(good, bad, ext, narrow)
+    with pytest.raises(CorruptFileError, match="in_features.*q4_K block size"):
+        load_quantized(bad, nn.Sequential(nn.Linear(100, 8)))
+
+
 def test_files_from_before_n_protect_and_bias_dtype_still_load(tmp_path, saved):
     """Optional spec keys take their defaults (files written before they existed lack them)."""
     def drop(meta):

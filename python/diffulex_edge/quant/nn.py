@@ -248,6 +248,8 @@ class QuantizedLinear(nn.Module):
         if qdtype == QuantizationDtype.INT4:
             if not _is_int(out["group_size"]) or out["group_size"] not in INT4_GROUP_SIZES:
                 raise bad("group_size", f"one of {INT4_GROUP_SIZES}")
+        elif qdtype.is_packed and out["in_features"] % qdtype.block_size:
+            raise bad("in_features", f"a multiple of the {qdtype} block size ({qdtype.block_size})")
         elif not _is_int(out["group_size"]) or out["group_size"] < 1:
             raise bad("group_size", "a positive int")
         if out["symmetric"] is not None and not isinstance(out["symmetric"], bool):
