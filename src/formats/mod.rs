@@ -28,6 +28,9 @@ pub enum Format {
     },
     /// A GGML block format (`q4_0`, `q4_K`, `tq2_0`, `iq4_xs`, ...; see `ggml::block::GgmlType`).
     Ggml(ggml::block::GgmlType),
+    /// A packed layer format of [`registry::REGISTRY`] that is not a GGML type (`nf4`, `ternary`),
+    /// by its registry name.
+    Packed(&'static str),
 }
 
 /// Group sizes the INT4 format accepts.
@@ -47,6 +50,7 @@ impl Format {
             Format::Int4Grouped { group } => format!("int4_g{group}"),
             // ggml's spelling (`ggml_type_name`): lower case except the K of K-quants
             Format::Ggml(t) => t.name().to_ascii_lowercase().replace("_k", "_K"),
+            Format::Packed(name) => (*name).into(),
         }
     }
 
@@ -61,18 +65,17 @@ impl Format {
                 Some(group) if INT4_GROUP_SIZES.contains(&group) => Format::Int4Grouped { group },
                 _ => match ggml::block::GgmlType::parse(other) {
                     Ok(t) if t.block_size() > 1 => Format::Ggml(t),
-                    _ => {
-                        let ggml: Vec<String> = ggml::block::GgmlType::ALL
-                            .iter()
-                            .filter(|t| t.block_size() > 1)
-                            .map(|t| Format::Ggml(*t).name())
-                            .collect();
-                        return Err(Error::Unsupported(format!(
-                            "unknown format {name:?}; supported: {}, {}",
-                            Format::NAMES.join(", "),
-                            ggml.join(", ")
-                        )));
-                    }
+                    _ => match registry::lookup(other) {
+                        Ok(f) if f.ggml_type().is_none() => Format::Packed(f.name()),
+                        _ => {
+                            let packed: Vec<&str> = registry::REGISTRY.iter().map(|f| f.name()).collect();
+                            return Err(Error::Unsupported(format!(
+                                "unknown format {name:?}; supported: {}, {}",
+                                Format::NAMES.join(", "),
+                                packed.join(", ")
+                            )));
+                        }
+                    },
                 },
             },
         };
@@ -92,6 +95,10 @@ impl Format {
                 rows * (cols.div_ceil(2) + groups * 5)
             }
             Format::Ggml(t) => rows * cols.div_ceil(t.block_size()) * t.type_size(),
+            Format::Packed(name) => {
+                let f = registry::lookup(name).expect("Format::Packed holds a registry name");
+                rows * f.row_bytes_of(cols.next_multiple_of(f.block_size()))
+            }
         };
         bytes as f64 * 8.0 / n
     }
@@ -115,6 +122,12 @@ mod tests {
             assert_eq!(f.bits_per_weight(2, t.block_size()), t.bits_per_weight());
         }
         assert_eq!(Format::parse("Q4_K").unwrap().name(), "q4_K");
+        // every registry format has a Format: GGML types as Ggml, the others by name
+        for f in registry::REGISTRY {
+            assert_eq!(Format::parse(f.name()).unwrap().name(), f.name());
+        }
+        assert_eq!(Format::parse("NF4").unwrap(), Format::Packed("nf4"));
+        assert_eq!(Format::parse("ternary").unwrap().bits_per_weight(2, 512), (512.0 / 4.0 + 4.0) * 8.0 / 512.0);
         assert_eq!(Format::parse("tq2_0").unwrap().bits_per_weight(1, 256), 66.0 * 8.0 / 256.0);
     }
 

@@ -126,11 +126,11 @@ impl QuantizedWeight {
             Format::BF16 => QuantizedWeight::Half(quantize_half(w, HalfKind::BF16)?),
             Format::Int8PerChannel => QuantizedWeight::Int8(quantize_int8(w, symmetric)?),
             Format::Int4Grouped { group } => QuantizedWeight::Int4(quantize_int4(w, group, symmetric)?),
-            Format::F32 | Format::Ggml(_) => {
+            Format::F32 | Format::Ggml(_) | Format::Packed(_) => {
                 return Err(Error::Unsupported(format!(
                     "format {:?} has no tch module here; choose one of f16, bf16, int8, \
-                     int4_g32, int4_g64, int4_g128, int4_g256 (or keep the tch::nn::Linear; GGML \
-                     formats are for GGUF export)",
+                     int4_g32, int4_g64, int4_g128, int4_g256 (or keep the tch::nn::Linear; the \
+                     packed formats run in the Python package's QuantizedLinear)",
                     format.name()
                 )))
             }
