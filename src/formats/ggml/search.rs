@@ -327,8 +327,11 @@ pub fn search_codebook(x: &[f32], w: Option<&[f32]>, values: &[f32; 16], ntry: i
     }
     let w = weights(w, x.len());
     let (mut best_score, mut best_d) = (-1f32, 0f32);
-    for t in -ntry..=ntry {
-        let id = (values[0] + t as f32) / m;
+    // the candidates map the block's extreme weight near the codebook's longest end (values[0]),
+    // plus one that maps it to the other, shorter end (the codebook is asymmetric: which side
+    // the extreme goes to changes every other weight's rounding)
+    let ids = std::iter::once(-values[0] / m).chain((-ntry..=ntry).map(|t| (values[0] + t as f32) / m));
+    for id in ids {
         let (mut sqx, mut sq2) = (0f32, 0f32);
         for (i, v) in x.iter().enumerate() {
             let q = values[nearest_in(values, id * v)];
