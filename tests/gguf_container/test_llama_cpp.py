@@ -60,6 +60,23 @@ def run(*cmd):
     return p.stdout + p.stderr
 
 
+def text_ids(tok, text_path):
+    """The text's token ids and the number of full CTX chunks the perplexities compare."""
+    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
+    return ids, ids.numel() // CTX - 1
+
+
+def llama_perplexity(path, text_path, chunks):
+    """llama-perplexity's running PPL printed after chunk `chunks` (one more chunk is run: some
+    builds lose the last chunk's line and the final estimate at exit, their logger is stopped
+    undrained)."""
+    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
+              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
+    vals = dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))
+    assert str(chunks) in vals, out[-2000:]
+    return float(vals[str(chunks)])
+
+
 def test_llama_cpp_tokenizes_like_hf(setup):
     from diffulex_edge.export import export_gguf
 
@@ -81,16 +98,9 @@ def test_llama_perplexity_matches_pytorch_on_the_same_weights(setup, quant):
     d, text_path, model, tok = setup
     path = d / f"{quant}.gguf"
     export_gguf(model, path, quant=quant, tokenizer=tok)
-    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
-    chunks = ids.numel() // CTX - 1
+    ids, chunks = text_ids(tok, text_path)
     assert chunks >= 10
-    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
-              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
-    # the running PPL printed after chunk `chunks` (some builds lose the last chunk's line and the
-    # final estimate at exit: their logger is stopped undrained)
-    vals = dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))
-    assert str(chunks) in vals, out[-2000:]
-    ppl_llama = float(vals[str(chunks)])
+    ppl_llama = llama_perplexity(path, text_path, chunks)
     ours = llama_cpp_perplexity(load_gguf_weights(copy.deepcopy(model), path), ids, n_ctx=CTX,
                                 max_chunks=chunks).perplexity
     # Same weights, same tokens, same scored positions. What differs: llama.cpp stores K/V in f16
@@ -118,11 +128,8 @@ def test_model_quantized_in_pytorch_runs_in_llama_cpp_as_measured(setup, fmt):
     quantize_(q, fmt)
     path = d / f"pytorch-{fmt}.gguf"
     export_gguf(q, path, quant="F32", tokenizer=tok)
-    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
-    chunks = ids.numel() // CTX - 1
-    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
-              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
-    ppl_llama = float(dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))[str(chunks)])
+    ids, chunks = text_ids(tok, text_path)
+    ppl_llama = llama_perplexity(path, text_path, chunks)
     ours = llama_cpp_perplexity(q, ids, n_ctx=CTX, max_chunks=chunks).perplexity
     # the tolerance of test_llama_perplexity_matches_pytorch_on_the_same_weights (same reasons)
     assert ppl_llama == pytest.approx(ours, rel=0.005), (ppl_llama, ours)
@@ -149,11 +156,8 @@ def test_llama_cpp_applies_rope_scaling_like_transformers(setup, rope):
     scaled = AutoModelForCausalLM.from_pretrained(MODEL, config=cfg, dtype=torch.float32).eval()
     path = d / f"rope-{rope['rope_type']}.gguf"
     export_gguf(scaled, path, quant="F32", tokenizer=tok)
-    ids = torch.tensor(tok(text_path.read_text(encoding="utf-8"))["input_ids"])
-    chunks = ids.numel() // CTX - 1
-    out = run(tool("llama-perplexity"), "-m", str(path), "-f", str(text_path), "-c", str(CTX), "-b", str(CTX),
-              "-t", "2", "--no-warmup", "--chunks", str(chunks + 1))
-    ppl_llama = float(dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))[str(chunks)])
+    ids, chunks = text_ids(tok, text_path)
+    ppl_llama = llama_perplexity(path, text_path, chunks)
     ours = llama_cpp_perplexity(scaled, ids, n_ctx=CTX, max_chunks=chunks).perplexity
     plain = llama_cpp_perplexity(model, ids, n_ctx=CTX, max_chunks=chunks).perplexity
     # F32 weights: only llama.cpp's f16 K/V cache and summation order differ (measured ~1e-6
