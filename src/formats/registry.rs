@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::bitnet::BitNet;
 use super::ggml::block::{self as gb, BlockFormat, GgmlType, QuantMode};
-use super::ggml::{iq, k_quants as kq, legacy, ternary};
+use super::ggml::{iq, iq_lattice as iql, k_quants as kq, legacy, ternary};
 use super::nf4::Nf4;
 use crate::error::{check_len, Error, Result};
 use crate::simd::KernelLevel;
@@ -86,6 +86,13 @@ impl<F: BlockFormat> PackedFormat for Ggml<F> {
             GgmlType::Q8_0 => "q8_0",
             GgmlType::IQ4_NL => "iq4_nl",
             GgmlType::IQ4_XS => "iq4_xs",
+            GgmlType::IQ3_S => "iq3_s",
+            GgmlType::IQ3_XXS => "iq3_xxs",
+            GgmlType::IQ2_S => "iq2_s",
+            GgmlType::IQ2_XS => "iq2_xs",
+            GgmlType::IQ2_XXS => "iq2_xxs",
+            GgmlType::IQ1_M => "iq1_m",
+            GgmlType::IQ1_S => "iq1_s",
             GgmlType::TQ1_0 => "tq1_0",
             GgmlType::TQ2_0 => "tq2_0",
             GgmlType::F32 => "f32",
@@ -138,6 +145,13 @@ pub static REGISTRY: &[&dyn PackedFormat] = &[
     &Ggml::<kq::Q2K>::NEW,
     &Ggml::<iq::IQ4NL>::NEW,
     &Ggml::<iq::IQ4XS>::NEW,
+    &Ggml::<iql::IQ3S>::NEW,
+    &Ggml::<iql::IQ3XXS>::NEW,
+    &Ggml::<iql::IQ2S>::NEW,
+    &Ggml::<iql::IQ2XS>::NEW,
+    &Ggml::<iql::IQ2XXS>::NEW,
+    &Ggml::<iql::IQ1M>::NEW,
+    &Ggml::<iql::IQ1S>::NEW,
     &Ggml::<ternary::TQ2_0>::NEW,
     &Ggml::<ternary::TQ1_0>::NEW,
     &Nf4,

@@ -21,6 +21,10 @@ RMSE_BOUND = {
     "F32": 0.0, "F16": 2.3e-4, "BF16": 1.8e-3, "Q8_0": 5.3e-3, "Q6_K": 1.8e-2, "Q5_0": 4.2e-2, "Q5_1": 3.7e-2,
     "Q5_K": 3.8e-2, "Q4_0": 8.5e-2, "Q4_1": 7.5e-2, "Q4_K": 7.6e-2, "IQ4_NL": 8.0e-2, "IQ4_XS": 8.0e-2,
     "Q3_K": 0.152, "Q2_K": 0.285, "TQ2_0": 0.46, "TQ1_0": 0.46,
+    # lattice codebooks (llama.cpp's quantizer on the same data, with unit importances, measures
+    # 5-7% above these before headroom: tests/gguf_container/test_llama_cpp.py::test_iq_error_vs_ggml)
+    "IQ3_S": 0.139, "IQ3_XXS": 0.189, "IQ2_S": 0.256, "IQ2_XS": 0.305, "IQ2_XXS": 0.355, "IQ1_M": 0.447,
+    "IQ1_S": 0.483,
 }
 
 
@@ -138,7 +142,8 @@ def test_errors_are_typed():
 
 def test_sizes_match_spec():
     expect = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q6_K": (256, 210), "Q2_K": (256, 84),
-              "TQ1_0": (256, 54), "TQ2_0": (256, 66)}
+              "TQ1_0": (256, 54), "TQ2_0": (256, 66), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
+              "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110), "IQ1_S": (256, 50), "IQ1_M": (256, 56)}
     for t, (b, n) in expect.items():
         assert (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) == (b, n)
     for t, info in GGML_TYPES.items():

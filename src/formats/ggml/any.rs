@@ -2,7 +2,7 @@
 //! a [`GgmlType`] value to its [`BlockFormat`] implementation.
 
 use super::block::{self as gb, BlockFormat, GgmlType, QuantMode};
-use super::{iq, k_quants as kq, legacy, ternary};
+use super::{iq, iq_lattice as iql, k_quants as kq, legacy, ternary};
 use crate::error::Result;
 use crate::formats::half_float::f32_to_bf16_bits;
 use crate::simd::KernelLevel;
@@ -130,6 +130,34 @@ macro_rules! with_format {
             }
             GgmlType::IQ4_NL => {
                 type $F = iq::IQ4NL;
+                $body
+            }
+            GgmlType::IQ2_XXS => {
+                type $F = iql::IQ2XXS;
+                $body
+            }
+            GgmlType::IQ2_XS => {
+                type $F = iql::IQ2XS;
+                $body
+            }
+            GgmlType::IQ2_S => {
+                type $F = iql::IQ2S;
+                $body
+            }
+            GgmlType::IQ3_XXS => {
+                type $F = iql::IQ3XXS;
+                $body
+            }
+            GgmlType::IQ3_S => {
+                type $F = iql::IQ3S;
+                $body
+            }
+            GgmlType::IQ1_S => {
+                type $F = iql::IQ1S;
+                $body
+            }
+            GgmlType::IQ1_M => {
+                type $F = iql::IQ1M;
                 $body
             }
             GgmlType::IQ4_XS => {

@@ -86,8 +86,15 @@ ggml_types! {
     Q4_K = 12, "Q4_K", 256, 144, false;
     Q5_K = 13, "Q5_K", 256, 176, false;
     Q6_K = 14, "Q6_K", 256, 210, false;
+    IQ2_XXS = 16, "IQ2_XXS", 256, 66, false;
+    IQ2_XS = 17, "IQ2_XS", 256, 74, false;
+    IQ3_XXS = 18, "IQ3_XXS", 256, 98, false;
+    IQ1_S = 19, "IQ1_S", 256, 50, false;
     IQ4_NL = 20, "IQ4_NL", 32, 18, false;
+    IQ3_S = 21, "IQ3_S", 256, 110, false;
+    IQ2_S = 22, "IQ2_S", 256, 82, false;
     IQ4_XS = 23, "IQ4_XS", 256, 136, false;
+    IQ1_M = 29, "IQ1_M", 256, 56, false;
     BF16 = 30, "BF16", 1, 2, true;
     TQ1_0 = 34, "TQ1_0", 256, 54, true;
     TQ2_0 = 35, "TQ2_0", 256, 66, true;

@@ -4,7 +4,8 @@
 //! * `block`: the type table, the `BlockFormat` trait every block type implements, and the generic
 //!   row-parallel quantize / dequantize drivers;
 //! * `legacy` (Q4_0 ... Q8_1), `k_quants` (Q2_K ... Q8_K), `ternary` (TQ1_0, TQ2_0), `iq`
-//!   (IQ4_NL, IQ4_XS): the block layouts with their scalar references;
+//!   (IQ4_NL, IQ4_XS), `iq_lattice` (IQ1_S ... IQ3_S over the `iq_grids` codebooks): the block
+//!   layouts with their scalar references;
 //! * `search`: the scale searches (plain and importance-weighted) shared by the families;
 //! * `rtn`: AVX-512 round-to-nearest codes of the legacy and K blocks, byte-exact with the scalar
 //!   references;
@@ -13,6 +14,8 @@
 pub mod any;
 pub mod block;
 pub mod iq;
+pub mod iq_grids;
+pub mod iq_lattice;
 pub mod k_quants;
 pub mod legacy;
 pub(crate) mod rtn;
