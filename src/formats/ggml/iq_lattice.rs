@@ -32,6 +32,9 @@
 //! an importance matrix `sqrt(sigma^2 + x^2)` alone: llama.cpp refuses IQ1/IQ2 without an imatrix;
 //! here the magnitude weighting still gives a usable model (the Python layer says so).
 
+// index loops mirror the byte layouts of ggml-common.h, which read more plainly than iterator chains
+#![allow(clippy::needless_range_loop)]
+
 use std::sync::OnceLock;
 
 use super::block::{block_mut, block_ref, f16_bits, f16_round, f16_val, BlockFormat, ByteBlock, GgmlType, QK_K};
