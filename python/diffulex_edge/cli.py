@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; must differ from MODEL_DIR)")
     # defaults are applied after --config is read (see _QUANTIZE_DEFAULTS): a flag given on the
     # command line overrides the file, even when it names the default value
+    from .export.gguf_mixes import MIXES
     from .quant.config import INT4_GROUP_SIZES, MODES, SCHEME_HELP, QuantizationDtype
 
     def dtype_arg(value: str) -> str:  # any case: Q4_K -> q4_K
@@ -128,8 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("model_dir", metavar="MODEL_DIR")
     g.add_argument("-o", "--output", required=True, metavar="OUT", help="GGUF file to write (replaced atomically)")
     g.add_argument("--quant", default="Q4_K_M", metavar="MIX",
-                   help="llama.cpp mix: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M "
-                   "Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS TQ1_0 TQ2_0 (default Q4_K_M)")
+                   help=f"llama.cpp mix: {' '.join(MIXES)} (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or .dat)")
     g.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
                    help="type for GGUF tensors whose name matches REGEX (e.g. 'attn_v=Q8_0'); repeatable, first match wins")

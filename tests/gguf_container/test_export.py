@@ -25,7 +25,8 @@ def fields(r):
     return {k: f.contents() for k, f in r.fields.items()}
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q6_K", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "IQ4_XS", "TQ1_0", "TQ2_0"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "Q6_K", "Q2_K", "Q3_K_M", "Q4_K_S", "Q5_K_M", "IQ4_XS", "TQ1_0", "TQ2_0",
+                                   "IQ1_S", "IQ2_M", "IQ3_XXS"])
 def test_gguf_py_reads_export(tmp_path, quant):
     model = tiny_llama()
     p = tmp_path / f"m-{quant}.gguf"
@@ -68,7 +69,20 @@ def test_gguf_py_reads_export(tmp_path, quant):
     if quant in ("TQ1_0", "TQ2_0"):
         assert by_name["token_embd.weight"].tensor_type.name == "Q4_K"
         assert types[quant] == 14
+    if quant == "IQ1_S":  # llama.cpp's low-bit rules (tests/gguf_container/test_llama_cpp.py checks all of them)
+        assert by_name["output.weight"].tensor_type.name == "Q5_K"
+        assert by_name["token_embd.weight"].tensor_type.name == "Q2_K"
+        assert by_name["blk.0.attn_output.weight"].tensor_type.name == "IQ2_XXS"
+        assert by_name["blk.1.attn_q.weight"].tensor_type.name == "IQ1_S"
+    if quant == "IQ2_M":
+        assert by_name["blk.1.ffn_up.weight"].tensor_type.name == "IQ2_S"
     assert md["general.file_type"] > 0
+
+
+def test_low_bit_mix_without_imatrix_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        export_gguf(tiny_llama(), tmp_path / "m.gguf", quant="IQ2_XXS")
+    assert "refuses this mix without" in caplog.text and "imatrix" in caplog.text
 
 
 def test_permutation_matches_rope_conventions():

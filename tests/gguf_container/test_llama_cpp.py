@@ -208,3 +208,33 @@ def test_iq_error_vs_ggml(t, kind):
     ours = dequantize(quantize(x, t, imatrix=imp), t)
     werr = lambda y: float((((y - x) ** 2) * imp).sum())  # noqa: E731
     assert werr(ours) <= werr(theirs), (werr(ours), werr(theirs))
+
+
+MIXES_TO_CHECK = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+                  "Q2_K", "Q3_K_M", "Q4_K_M", "IQ4_XS", "Q4_0"]
+
+
+@pytest.mark.parametrize("n_kv", [1, 4])
+def test_mix_plans_choose_llama_quantize_types(tmp_path, n_kv):
+    """For every mix, `plan_gguf` picks the type llama-quantize picks for each tensor (same
+    imatrix; grouped-query and plain attention; ffn_down rows of 576 exercise the fallbacks)."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from diffulex_edge.calib import compute_imatrix
+    from diffulex_edge.export.gguf_export import export_gguf, plan_gguf
+
+    quantize_tool = tool("llama-quantize")
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=576, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=n_kv, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    export_gguf(model, tmp_path / "f32.gguf", quant="F32", tokenizer=tok)
+    compute_imatrix(model, [torch.randint(0, len(tok), (1, 64)) for _ in range(4)]).save(tmp_path / "im.gguf")
+    for mix in MIXES_TO_CHECK:
+        run(quantize_tool, "--imatrix", str(tmp_path / "im.gguf"), str(tmp_path / "f32.gguf"), str(tmp_path / "o.gguf"),
+            mix)
+        theirs = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "o.gguf").tensors}
+        ours = {t.gguf_name: t.ggml_type for t in plan_gguf(model, mix, imatrix=tmp_path / "im.gguf", tokenizer=tok).tensors}
+        assert ours == theirs, (mix, {k: (ours.get(k), v) for k, v in theirs.items() if ours.get(k) != v})

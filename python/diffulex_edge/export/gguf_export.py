@@ -23,7 +23,7 @@ from ..errors import ConfigError, QuantizationError, ShapeError, UnsupportedForm
 from ..gguf.file import GGUFWriter, ValueType
 from ..gguf.quants import GGML_TYPES, quantize, type_info
 from ..quant._ops import check_finite
-from .gguf_mixes import MIXES, MixContext, Overrides, choose_type, compile_overrides
+from .gguf_mixes import MIXES, NEEDS_IMATRIX_IN_LLAMA_CPP, MixContext, Overrides, choose_type, compile_overrides
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,10 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
         and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr())
     ctx = MixContext(quant, int(cfg.num_hidden_layers), max(1, n_head // n_kv), has_output=not tied,
                      has_imatrix=imatrix is not None)
+    if imatrix is None and quant in NEEDS_IMATRIX_IN_LLAMA_CPP:
+        log.warning("%s without an importance matrix: llama.cpp refuses this mix without one; diffulex-edge "
+                    "quantizes it with magnitude weights (sqrt(sigma^2 + w^2)) instead. An imatrix from calibration "
+                    "text (`diffulex-quant imatrix`, or llama-imatrix) lowers the error further.", quant)
     rules = compile_overrides(overrides)
 
     metadata: List[Tuple[str, Any, Any]] = [("general.architecture", arch, None),

@@ -23,11 +23,23 @@ MIXES: Dict[str, Tuple[str, int]] = {
     "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
     "Q6_K": ("Q6_K", 18), "IQ4_NL": ("IQ4_NL", 25), "IQ4_XS": ("IQ4_XS", 30),
     "TQ1_0": ("TQ1_0", 36), "TQ2_0": ("TQ2_0", 37),
+    # the lattice-codebook mixes (llama_ftype ids of llama.h; IQ2_S's base is IQ2_XS, as in llama.cpp)
+    "IQ1_S": ("IQ1_S", 24), "IQ1_M": ("IQ1_M", 31), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20),
+    "IQ2_S": ("IQ2_XS", 28), "IQ2_M": ("IQ2_S", 29), "IQ3_XXS": ("IQ3_XXS", 23), "IQ3_XS": ("IQ3_S", 22),
+    "IQ3_S": ("IQ3_S", 26), "IQ3_M": ("IQ3_S", 27),
 }
 
-#: llama.cpp's fallbacks for rows that are not a multiple of the block size
-FALLBACK = {"TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL",
-            "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+#: the mixes below ~2.5 bits that share llama.cpp's low-bit rules (attn_v, first ffn_down, attn_output)
+LOW_BIT_MIXES = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+
+#: mixes whose quantizers llama.cpp refuses to run without an importance matrix (llama-quantize
+#: stops with "Please do not do that"); ours run, weighting by magnitude, and say so
+NEEDS_IMATRIX_IN_LLAMA_CPP = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
+
+#: llama.cpp's fallbacks for rows that are not a multiple of the block size (`tensor_type_fallback`)
+FALLBACK = {"TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL",
+            "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
+            "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
 
 UNQUANTIZED = ("F32", "F16", "BF16")
 
@@ -62,12 +74,33 @@ def mix_type(name: str, row_len: int, ctx: MixContext) -> str:
     if name == "output.weight" or (not ctx.has_output and name == "token_embd.weight"):
         if row_len % GGML_TYPES[t].block_size != 0:
             return "Q8_0"
+        if mix in LOW_BIT_MIXES or mix == "IQ3_XXS":
+            return "Q5_K"
         return t if t == "Q8_0" else "Q6_K"
     if name == "token_embd.weight":
+        if mix in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        if mix in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return "IQ3_S"
         return "Q4_K" if mix in ("TQ1_0", "TQ2_0") else t
+    if mix in LOW_BIT_MIXES:
+        mid = "IQ3_S" if mix in ("IQ2_S", "IQ2_M") else "Q2_K"
+        if "attn_v.weight" in name:
+            return "Q4_K" if ctx.n_gqa >= 4 else mid
+        if "ffn_down" in name:
+            return mid if i < n // 8 else t
+        if "attn_output.weight" in name:
+            return {"IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}.get(mix, t)
+        return t
     if "attn_v.weight" in name:
         if mix == "Q2_K":
             t = "Q4_K" if ctx.n_gqa >= 4 else "Q3_K"
+        elif mix == "IQ3_XXS":
+            t = "Q4_K" if ctx.n_gqa >= 4 else ("IQ3_S" if not ctx.has_imatrix else "IQ3_XXS")
+        elif mix in ("IQ3_XS", "IQ3_S") and ctx.n_gqa >= 4:
+            t = "Q4_K"
+        elif mix == "IQ3_M":
+            t = "Q4_K"
         elif mix == "Q3_K_M":
             t = "Q5_K" if i < 2 else "Q4_K"
         elif mix == "Q3_K_L":
@@ -78,11 +111,20 @@ def mix_type(name: str, row_len: int, ctx: MixContext) -> str:
             t = "Q6_K"
         elif mix == "Q4_K_S" and i < 4:
             t = "Q5_K"
+    elif "attn_k.weight" in name or "attn_q.weight" in name:
+        t = {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(mix, t)
+    elif "ffn_gate" in name or "ffn_up" in name:
+        if mix == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            t = "IQ3_XXS"
     elif "ffn_down" in name:
         if mix == "Q2_K":
             t = "Q3_K"
+        elif mix == "IQ3_XXS" and not ctx.has_imatrix:
+            t = "Q4_K" if i < n // 8 else "Q3_K"
         elif mix == "Q3_K_M":
             t = "Q5_K" if i < n // 16 else "Q4_K"
+        elif mix == "IQ3_M" and i < n // 8:
+            t = "Q4_K"
         elif mix == "Q3_K_L":
             t = "Q5_K"
         elif mix == "Q4_K_M":
@@ -97,7 +139,7 @@ def mix_type(name: str, row_len: int, ctx: MixContext) -> str:
         elif mix in ("Q4_0", "Q5_0") and ctx.has_imatrix and i < n // 8:
             t = "Q4_1" if mix == "Q4_0" else "Q5_1"
     elif "attn_output.weight" in name:
-        t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, t)
+        t = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(mix, t)
     return t
 
 
