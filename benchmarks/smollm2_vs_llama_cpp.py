@@ -8,7 +8,11 @@ weights lie on a Q4_1 grid; every format starts from the same FP32 weights). Per
   are; llama.cpp's mix rules for the tensors the model did not quantize, as llama-quantize);
 * llama.cpp: ``llama-quantize F32.gguf out.gguf TYPE`` on the F32 export of the same model;
 
-and both files go through ``llama-perplexity --kl-divergence`` against the F32 file's logits on
+With ``--via-export`` (what the IQ1/IQ2/IQ3 types need: 576-wide rows are not whole 256-weight
+blocks) the type is a llama.cpp mix and ours is ``export_gguf`` of the FP32 model with that mix:
+the same per-tensor types as llama-quantize (fallbacks included), each tensor quantized by ours.
+
+Both files go through ``llama-perplexity --kl-divergence`` against the F32 file's logits on
 the same WikiText-2 test chunks: KL vs FP32 (mean, nats/token), perplexity, same-top-token rate,
 file size. With ``--imatrix``, llama-imatrix computes one imatrix on WikiText-2 valid text and
 both quantizers use it.
@@ -92,6 +96,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--via-export", action="store_true",
+                    help="TYPES are llama.cpp mixes; ours = export_gguf of the FP32 model with the mix")
     a = ap.parse_args()
     bins = Path(os.environ["LLAMA_CPP_BIN_DIR"])
     work = Path(a.workdir or tempfile.mkdtemp(prefix="smollm2-"))
@@ -113,10 +119,17 @@ def main() -> None:
     for t in a.types.split(","):
         ours_path, theirs_path = work / f"ours-{t}.gguf", work / f"llama-{t}.gguf"
         q = smollm2_fp32()[0]
-        quantize_(q, t.lower(), imatrix=str(imat) if imat else None)
-        write(q, ours_path, t, tok_meta)
-        run([bins / "llama-quantize"] + (["--imatrix", imat] if imat else []) + [f32, theirs_path, t, a.threads])
-        ours, theirs = kld(bins, ours_path, base, a.chunks, a.threads), kld(bins, theirs_path, base, a.chunks, a.threads)
+        if not a.via_export:
+            quantize_(q, t.lower(), imatrix=str(imat) if imat else None)
+        write(q, ours_path, t, tok_meta, imatrix=imat if a.via_export else None)
+        p = subprocess.run([str(c) for c in [bins / "llama-quantize"] + (["--imatrix", imat] if imat else [])
+                            + [f32, theirs_path, t, a.threads]], capture_output=True, text=True)
+        ours = kld(bins, ours_path, base, a.chunks, a.threads)
+        if p.returncode != 0:  # llama.cpp refuses IQ1/IQ2 mixes without an imatrix
+            print(f"| {t} | {ours['kl']:.5f} | refused | {ours['ppl']:.3f} | - | {ours['top1']:.2f}% | - | "
+                  f"{ours_path.stat().st_size / 2**20:.1f} | - |", flush=True)
+            continue
+        theirs = kld(bins, theirs_path, base, a.chunks, a.threads)
         size = [p.stat().st_size / 2**20 for p in (ours_path, theirs_path)]
         print(f"| {t} | {ours['kl']:.5f} | {theirs['kl']:.5f} | {ours['ppl']:.3f} | {theirs['ppl']:.3f} | "
               f"{ours['top1']:.2f}% | {theirs['top1']:.2f}% | {size[0]:.1f} | {size[1]:.1f} |", flush=True)

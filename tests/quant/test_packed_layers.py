@@ -191,3 +191,12 @@ def test_bad_shapes_and_arguments_name_the_layer():
     with pytest.raises(Exception, match="does not use importance"):
         QuantizedLinear.from_linear(gaussian_linear(256, 4), "nf4", importance=torch.ones(256))
 
+
+
+@pytest.mark.parametrize("name", ["iq1_s", "iq2_xxs"])
+def test_lowest_bit_formats_without_imatrix_say_so(name, caplog):
+    model = nn.Sequential(gaussian_linear())
+    with caplog.at_level("WARNING", logger="diffulex_edge.quant"):
+        res = quantize_(model, QuantizationConfig(dtype=name))
+    assert any("without an importance matrix" in w for w in res.warnings)
+    assert "llama.cpp refuses" in caplog.text

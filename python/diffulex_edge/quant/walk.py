@@ -191,6 +191,12 @@ def quantize_model(
                 " — pass calibration_data so the layers see inputs during calibration"
             )
     fmt = layer_format(cfg)
+    if importance is None and cfg.dtype.is_packed and cfg.dtype.value.startswith(("iq1", "iq2")):
+        msg = (f"{cfg.dtype.value} without an importance matrix: llama.cpp refuses this format without one; here "
+               "the scales are fitted with magnitude weights sqrt(sigma^2 + w^2) instead. Pass imatrix= (from "
+               "compute_imatrix on calibration text) for a lower error.")
+        log.warning(msg)
+        plan.warnings.append(msg)
     if importance is not None and cfg.dtype.takes_importance:
         missing = [n for n, _ in plan.layers if n not in importance]
         if missing:
