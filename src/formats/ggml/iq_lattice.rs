@@ -459,8 +459,9 @@ const IQ2_CODE: ScaleCode = ScaleCode { a: 0.125, b: 0.25, max: 15 };
 fn put_signed(lat: &Lattice, i: usize, dl: f32, signs: u8, out: &mut [f32]) {
     let v = lat.entry(i);
     for j in 0..v.len() {
-        let s = if (signs >> j) & 1 == 1 { -1.0 } else { 1.0 };
-        out[j] = dl * v[j] * s;
+        // times -1 as a sign flip (the same float, -0.0 included), branch-free
+        let flip = (((signs >> j) & 1) as u32) << 31;
+        out[j] = f32::from_bits((dl * v[j]).to_bits() ^ flip);
     }
 }
 
