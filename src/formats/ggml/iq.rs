@@ -81,6 +81,14 @@ impl BlockFormat for IQ4NL {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
+        // without an imatrix: magnitude weights (see `search::magnitude_weights` for the measurement)
+        let mut mw = [0f32; 32];
+        let imp = if imp.is_none() {
+            super::search::magnitude_weights(x, &mut mw);
+            Some(&mw[..])
+        } else {
+            imp
+        };
         let d = group_scale(x, imp);
         let b: &mut BlockIQ4NL = block_mut(out);
         b.d = f16_bits(d);

@@ -183,6 +183,14 @@ impl BlockFormat for Q4_0 {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
+        // without an imatrix: magnitude weights (see `search::magnitude_weights` for the measurement)
+        let mut mw = [0f32; 32];
+        let imp = if imp.is_none() {
+            super::search::magnitude_weights(x, &mut mw);
+            Some(&mw[..])
+        } else {
+            imp
+        };
         let (d, l) = quantize_sym_block(x, imp, 8, NTRY_4BIT);
         store_q4_0(d, &l, out);
     }
