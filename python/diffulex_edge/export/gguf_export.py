@@ -268,14 +268,18 @@ def _imatrix_for(imatrix, gguf_name: str, hf_name: str, cols: int) -> Optional[n
 
 def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
                 imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None, tokenizer=None, overrides: Overrides = None,
-                name: Optional[str] = None, mode: str = "search", show_progress: Optional[bool] = None) -> ExportReport:
+                name: Optional[str] = None, mode: str = "search", show_progress: Optional[bool] = None,
+                profile=None) -> ExportReport:
     """Write `model` (a HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM) as GGUF:
     ``write_gguf(plan_gguf(model, ...), path, ...)``.
 
     quant: a llama.cpp mix (`Q4_K_M`, `Q4_K_S`, `Q5_K_M`, `Q6_K`, `Q8_0`, `Q2_K`, `Q3_K_M`, `IQ4_XS`,
     `TQ1_0`, `TQ2_0`, ... see `MIXES`). imatrix: per-column importances keyed by GGUF or HF tensor
     name, or the path of a llama.cpp imatrix file (GGUF or legacy .dat). overrides: `{regex: type}` applied to GGUF tensor names before the mix. Returns the
-    per-tensor report (type, bits per weight, why). mode: "search" (weighted least-squares scales)
+    per-tensor report (type, bits per weight, why). profile: a mixed-precision plan
+    (:class:`~diffulex_edge.quant.DynamicQuantizationProfile`, a preset name or a .yaml/.json path;
+    e.g. ``solve(...).to_profile()``) whose GGML formats become exact per-tensor overrides, after
+    `overrides` and before the mix. mode: "search" (weighted least-squares scales)
     or "rtn" (gguf-py's round-to-nearest bytes where the type has it). show_progress: tqdm bar over
     tensors (None: when attached to a terminal or notebook).
 
@@ -283,8 +287,8 @@ def export_gguf(model, path: Union[str, os.PathLike], quant: str = "Q4_K_M",
     end; on any error (or Ctrl-C) the temporary file is deleted and an existing file at `path` is
     left as it was.
     """
-    return write_gguf(plan_gguf(model, quant, imatrix=imatrix, tokenizer=tokenizer, overrides=overrides, name=name),
-                      path, mode=mode, show_progress=show_progress)
+    return write_gguf(plan_gguf(model, quant, imatrix=imatrix, tokenizer=tokenizer, overrides=overrides, name=name,
+                                profile=profile), path, mode=mode, show_progress=show_progress)
 
 
 class PlannedTensor(NamedTuple):
@@ -340,7 +344,7 @@ class ExportPlan:
 
 
 def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.PathLike, Mapping[str, np.ndarray]] = None,
-              tokenizer=None, overrides: Overrides = None, name: Optional[str] = None) -> ExportPlan:
+              tokenizer=None, overrides: Overrides = None, name: Optional[str] = None, profile=None) -> ExportPlan:
     """Decide what :func:`export_gguf` would write for `model`, without encoding anything: the
     metadata and each tensor's GGUF name, shape and type (with the rule that chose it). Checks
     everything that can be checked before the work starts (architecture, mix, imatrix shapes,
@@ -376,6 +380,10 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
                     "quantizes it with magnitude weights (sqrt(sigma^2 + w^2)) instead. An imatrix from calibration "
                     "text (`diffulex-quant imatrix`, or llama-imatrix) lowers the error further.", quant)
     rules = compile_overrides(overrides)
+    if profile is not None:
+        from ..quant.profile import gguf_overrides
+
+        rules += compile_overrides(gguf_overrides(profile, model))
 
     metadata: List[Tuple[str, Any, Any]] = [("general.architecture", arch, None),
                                             ("general.name", name or getattr(cfg, "_name_or_path", "") or arch, None)]

@@ -20,6 +20,7 @@ from .calib_data import CalibrationDataset
 from .config import INT4_GROUP_SIZES, PACKED_FORMATS, QuantizationConfig, QuantizationDtype
 from .importance import ImportanceMatrix
 from .nn import QuantizedLinear
+from .profile import PRESETS, DynamicQuantizationProfile, LayerQuantizationConfig, apply_profile
 from .quantizers import (
     QUANTIZERS,
     BaseQuantizer,
@@ -35,6 +36,10 @@ from .serialization import load_quantized, read_quantized_metadata, save_quantiz
 from .walk import model_size_bytes
 
 __all__ = [
+    "DynamicQuantizationProfile",
+    "LayerQuantizationConfig",
+    "PRESETS",
+    "apply_profile",
     "BF16Quantizer",
     "BaseQuantizer",
     "CalibrationDataset",

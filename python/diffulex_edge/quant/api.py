@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections import Counter
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -28,9 +29,17 @@ def quantize_(
     """Quantize `model` in place as `config` says (torchao-style); dispatches on ``config.dtype``.
 
     config: a ``QuantizationConfig``, a mapping of its fields, or a scheme name (``"int4-g32"``,
-    ``"w8a8-dynamic"``, ... see :meth:`QuantizationConfig.from_scheme`). calibration_data,
+    ``"w8a8-dynamic"``, ... see :meth:`QuantizationConfig.from_scheme`); or a mixed-precision
+    plan: a :class:`~diffulex_edge.quant.DynamicQuantizationProfile`, a preset name
+    (``"attention-high-precision"``, ... see ``PRESETS``) or a ``.yaml``/``.json`` profile file. calibration_data,
     imatrix and protect: as :meth:`INT8Quantizer.quantize <diffulex_edge.quant.INT8Quantizer.quantize>`
     (activation scales for ``mode="static"``; INT4 importance weights; super weights kept exact)."""
+    from .profile import PRESETS, DynamicQuantizationProfile, apply_profile
+
+    if isinstance(config, DynamicQuantizationProfile) or (isinstance(config, str) and config in PRESETS) or (
+            isinstance(config, (str, os.PathLike)) and str(config).lower().endswith((".yaml", ".yml", ".json"))):
+        return apply_profile(model, config, imatrix=imatrix, calibration_data=calibration_data, protect=protect,
+                             show_progress=show_progress)
     if isinstance(config, str):
         cfg = QuantizationConfig.from_scheme(config)
     else:

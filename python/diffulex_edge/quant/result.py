@@ -72,6 +72,9 @@ class QuantizationResult:
     #: the coherence check's :class:`~diffulex_edge.quant.coherence.CoherenceReport` (formats
     #: below 3 bits per weight, or ``check_coherence=True``), else None
     coherence: Optional[Any] = None
+    #: the :class:`~diffulex_edge.quant.profile.DynamicQuantizationProfile` of a mixed-precision
+    #: run (``config`` is then the config of its most common format), else None
+    profile: Optional[Any] = None
 
     @property
     def dtype(self) -> Optional[QuantizationDtype]:
@@ -122,6 +125,11 @@ class QuantizationResult:
 
     def _headline(self) -> str:
         what = f"{self.dtype} {self.mode}" if self.dtype is not None else "no quantization"
+        if self.profile is not None:
+            counts: Dict[str, int] = {}
+            for r in self.layers:
+                counts[r.format] = counts.get(r.format, 0) + 1
+            what = f"mixed, profile {self.profile.name!r}: " + ", ".join(f"{n} {f}" for f, n in counts.items())
         return (
             f"QuantizationResult({what}: {self.num_quantized_layers} layer(s) quantized, "
             f"{len(self.skipped)} skipped; {format_bytes(self.original_size_bytes)} -> "
