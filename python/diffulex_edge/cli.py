@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", metavar="TEXT_FILE", type=_text_arg, help="text for --mode static calibration" + _BUILTIN_HELP)
     q.add_argument("--config", metavar="YAML", help="a QuantizationConfig YAML file; command-line flags you pass override it")
     q.add_argument("--imatrix", metavar="FILE", help="INT4: importance matrix (llama.cpp GGUF or .dat) for a weighted scale search")
+    q.add_argument("--plan", metavar="PLAN", help="mixed precision: a profile (.yaml/.json, per-layer formats) or a preset "
+                   "(attention-high-precision, mlp-low-precision, dynamic-2bit, dynamic-1bit, int8-with-fp16-edges) "
+                   "instead of one format")
 
     e = sub.add_parser("eval", help="perplexity (and agreement with a reference) on a text",
                        description="Measure perplexity of MODEL_DIR (float or quantized) on a text file; with "
@@ -131,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", default="Q4_K_M", metavar="MIX",
                    help=f"llama.cpp mix: {' '.join(MIXES)} (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or .dat)")
+    g.add_argument("--plan", metavar="PLAN", help="per-tensor types from a profile (.yaml/.json) or preset, over the mix")
+    g.add_argument("--target-bpw", type=float, metavar="BITS",
+                   help="solve a mixed plan for this many bits per weight: measures each tensor's sensitivity on "
+                   "--calibration text (checkpointed to OUT.sensitivity.json, resumable) and writes the plan to OUT.plan.yaml")
+    g.add_argument("--calibration", metavar="TEXT_FILE", type=_text_arg, help="text for --target-bpw" + _BUILTIN_HELP)
     g.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
                    help="type for GGUF tensors whose name matches REGEX (e.g. 'attn_v=Q8_0'); repeatable, first match wins")
     g.add_argument("--rtn", action="store_true",
@@ -173,7 +181,16 @@ def _cmd_quantize(a) -> int:
 
         calib = _calibration_batches(a.calibration, tok, 256)
     _need_file(a.imatrix, "imatrix file")
-    result = QUANTIZERS[cfg.dtype]().quantize(model, cfg, inplace=True, calibration_data=calib, imatrix=a.imatrix)
+    if a.plan is not None:
+        from .quant import apply_profile
+        from .quant.profile import as_profile
+
+        if a.scheme or a.dtype or a.group_size:
+            raise ValueError("--plan gives every layer its format; leave out --scheme/--dtype/--group-size")
+        profile = as_profile(a.plan)
+        result = apply_profile(model, profile, imatrix=a.imatrix, calibration_data=calib)
+    else:
+        result = QUANTIZERS[cfg.dtype]().quantize(model, cfg, inplace=True, calibration_data=calib, imatrix=a.imatrix)
     print(result.summary(max_layers=8))
     hf.save_quantized_pretrained(result.model, a.output, a.model_dir, info=result.to_dict())
     print(f"wrote {a.output}")
@@ -267,6 +284,38 @@ def _cmd_imatrix(a) -> int:
     return 0
 
 
+def _solve_for_gguf(a, model, tok):
+    """--target-bpw: sensitivities on the calibration text (resumable), the solved plan (saved
+    next to the output), and the imatrix both use."""
+    import torch
+
+    from .calib import compute_imatrix
+    from .mixed import analyze_sensitivity, solve
+    from .quant.importance import resolve_imatrix
+
+    if not a.calibration:
+        raise ValueError("--target-bpw measures how each tensor's quantization moves the output on text: "
+                         "give --calibration TEXT_FILE")
+    if a.plan:
+        raise ValueError("--target-bpw solves a plan; leave out --plan")
+    if tok is None:
+        raise ValueError(f"--target-bpw needs the tokenizer of {a.model_dir} to read --calibration")
+    model.float()
+    with open(a.calibration, encoding="utf-8") as fh:
+        ids = torch.tensor(tok(fh.read()[:400_000])["input_ids"])
+    n = min(4, ids.numel() // 256)
+    if n < 1:
+        raise ValueError(f"--calibration {a.calibration} has {ids.numel()} tokens; --target-bpw needs at least 256")
+    windows = [ids[i * 256:(i + 1) * 256].unsqueeze(0) for i in range(n)]
+    imatrix = resolve_imatrix(a.imatrix, model) if a.imatrix else compute_imatrix(model, windows)
+    report = analyze_sensitivity(model, windows, imatrix=imatrix, checkpoint=a.output + ".sensitivity.json")
+    plan = solve(report, target_bpw=a.target_bpw)
+    profile = plan.to_profile(f"target-{a.target_bpw:g}bpw")
+    profile.save(a.output + ".plan.yaml")
+    print(f"solved: {plan}; plan written to {a.output}.plan.yaml")
+    return profile, imatrix
+
+
 def _cmd_gguf(a) -> int:
     from . import hf
     from .export import export_gguf
@@ -301,8 +350,11 @@ def _cmd_gguf(a) -> int:
         print(f"note: {a.model_dir} has no tokenizer files; the GGUF will lack a vocabulary "
               "(llama.cpp needs one to run it)", file=sys.stderr)
     name = a.name or os.path.basename(os.path.normpath(a.model_dir))
-    report = export_gguf(model, a.output, quant=a.quant, imatrix=a.imatrix, tokenizer=tok, overrides=overrides or None,
-                         name=name, mode="rtn" if a.rtn else "search")
+    profile, imatrix = a.plan, a.imatrix
+    if a.target_bpw is not None:
+        profile, imatrix = _solve_for_gguf(a, model, tok)
+    report = export_gguf(model, a.output, quant=a.quant, imatrix=imatrix, tokenizer=tok, overrides=overrides or None,
+                         name=name, mode="rtn" if a.rtn else "search", profile=profile)
     counts = ", ".join(f"{n} x {t}" for t, n in sorted(report.type_counts().items(), key=lambda kv: -kv[1]))
     print(f"wrote {a.output}: {a.quant.upper()}, {len(report.tensors)} tensors ({counts}), {report.n_params:,} weights, "
           f"{report.nbytes / 2**20:.2f} MiB, {report.bits_per_weight:.3f} bits/weight")

@@ -196,8 +196,11 @@ def solve(report: SensitivityReport, *, target_bpw: Optional[float] = None, targ
         picks = _backtrack(opts, choice, best, b, unit)
         plan = _plan(opts, picks, params, target)
     else:
-        b = int(np.argmin(best))  # the minimum is at the largest budget, ties at the smallest one
-        picks = _fill(opts, _backtrack(opts, choice, best, b, unit), budget)
-        plan = _plan(opts, picks, params, target)
+        if np.isfinite(best).any():
+            b = int(np.argmin(best))  # the minimum is at the largest budget, ties at the smallest one
+            picks = _backtrack(opts, choice, best, b, unit)
+        else:  # the budget is within the rounding of the smallest plan: start from that plan
+            picks = [int(np.argmin(nb)) for _, _, nb, _ in opts]
+        plan = _plan(opts, _fill(opts, picks, budget), params, target)
     plan.frontier = frontier
     return plan
