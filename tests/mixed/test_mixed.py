@@ -213,3 +213,9 @@ def test_cli_quantize_with_a_plan_and_gguf_with_a_target(tmp_path):
     types = {t.name: t.tensor_type.name for t in GGUFReader(g).tensors}
     assert {"Q8_0", "IQ4_NL"} & set(types.values())
     assert cli.main(["gguf", str(model_dir), "-o", str(g), "--target-bpw", "3.0", "--calibration", "wikitext2-valid"]) != 0
+
+
+def test_a_low_bit_plan_gets_one_coherence_check():
+    res = quantize_(tiny(), "dynamic-1bit")
+    assert res.coherence is not None and res.coherence.tokens > 0
+    assert quantize_(tiny(), "attention-high-precision").coherence is None

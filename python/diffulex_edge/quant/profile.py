@@ -202,10 +202,13 @@ def as_profile(p: ProfileLike) -> DynamicQuantizationProfile:
 
 
 def apply_profile(model: nn.Module, profile: ProfileLike, *, imatrix: Any = None, calibration_data: Optional[Iterable[Any]] = None,
-                  protect: Any = None, show_progress: Optional[bool] = None) -> QuantizationResult:
+                  protect: Any = None, show_progress: Optional[bool] = None,
+                  check_coherence: Optional[bool] = None) -> QuantizationResult:
     """Quantize `model` in place, each Linear layer to its profile format (one quantizer call per
     format, the others excluded). Every layer is checked before any is changed: a format that
-    does not fit a layer's width raises naming both. Returns one result for the whole model."""
+    does not fit a layer's width raises naming both. One coherence check covers the whole plan
+    (by default when its lowest format is below 3 bits per weight; ``result.coherence``).
+    Returns one result for the whole model."""
     import time
 
     from .quantizers import QUANTIZERS
@@ -227,6 +230,14 @@ def apply_profile(model: nn.Module, profile: ProfileLike, *, imatrix: Any = None
         configs.append((fmt, cfg))
         del plan
     original = model_size_bytes(model)
+    # one coherence check for the whole plan (per-format calls have it off): on when its
+    # lowest-bit format is below 3 bits per weight, as for a single format
+    from .walk import _Coherence
+
+    low = min((c for _, c in configs), key=lambda c: float(c.dtype.bits), default=None)
+    coherence = None
+    if low is not None:
+        coherence = _Coherence(dataclasses.replace(low, check_coherence=check_coherence), model, calibration_data, True)
     layers: List[LayerRecord] = []
     warnings: List[str] = []
     skipped: Dict[str, str] = {n: "kept in float by the profile" for n, f in assignment.items() if f is None}
@@ -240,10 +251,11 @@ def apply_profile(model: nn.Module, profile: ProfileLike, *, imatrix: Any = None
         layers += res.layers
         skipped.update({k: v for k, v in res.skipped.items() if k in members})
         warnings += [w for w in res.warnings if w not in warnings]
+    report = coherence.finish(model, f"the plan {prof.name!r}", warnings) if coherence is not None else None
     main_fmt = max(groups, key=lambda f: len(groups[f])) if groups else None
     cfg = QuantizationConfig.from_scheme(main_fmt) if main_fmt else QuantizationConfig()
     return QuantizationResult(model, cfg, original, model_size_bytes(model), time.perf_counter() - t0, layers, skipped,
-                              warnings, profile=prof)
+                              warnings, report, profile=prof)
 
 
 def gguf_overrides(profile: ProfileLike, model: nn.Module) -> List[Tuple[str, str]]:
