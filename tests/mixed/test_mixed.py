@@ -219,3 +219,17 @@ def test_a_low_bit_plan_gets_one_coherence_check():
     res = quantize_(tiny(), "dynamic-1bit")
     assert res.coherence is not None and res.coherence.tokens > 0
     assert quantize_(tiny(), "attention-high-precision").coherence is None
+
+
+def test_compare_schemes_takes_plans_beside_uniform_schemes():
+    from diffulex_edge.eval import compare_schemes
+
+    m = tiny()
+    ids = torch.cat(windows(n=4, seq=64), dim=1)[0]
+    rep = compare_schemes(m, ["fp32", "q4_K", PROFILE, "attention-high-precision"], eval_text=ids, seq_len=64,
+                          latency_repetitions=0)
+    labels = [r.label for r in rep.rows]
+    assert labels == ["fp32", "q4_K", "plan:test", "plan:attention-high-precision"]
+    assert all(not isinstance(x, QuantizedLinear) for x in m.modules())  # the model itself is untouched
+    by = {r.label: r for r in rep.rows}
+    assert by["plan:test"].num_quantized_layers == 14 and by["plan:test"].kl_divergence > 0

@@ -3,6 +3,7 @@ size, perplexity, agreement with the original, and CPU latency."""
 
 from __future__ import annotations
 
+import copy
 import platform
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -25,10 +26,18 @@ def parse_scheme(scheme: SchemeLike, exclude_layers: Sequence[str] = ()) -> Tupl
     """`"fp32"` (the unquantized reference), `"fp16"`, `"bf16"`, `"int8"` (weight-only),
     `"w8a8-dynamic"`, `"w8a8-static"`, `"int4-g32"` ... `"int4-g256"`, each optionally suffixed
     `-sym`/`-asym`, or a packed format (`"q4_K"`, `"iq4_xs"`, `"nf4"`, ...); or a
-    QuantizationConfig; or a (label, config) pair."""
+    QuantizationConfig; or a (label, config) pair; or a mixed-precision plan: a
+    DynamicQuantizationProfile, a preset name or a .yaml/.json profile (labelled ``plan:<name>``)."""
+    from ..quant.profile import PRESETS, DynamicQuantizationProfile, as_profile
+
     if isinstance(scheme, tuple):
         label, cfg = scheme
         return str(label), cfg
+    if isinstance(scheme, DynamicQuantizationProfile):
+        return f"plan:{scheme.name}", scheme
+    if isinstance(scheme, str) and (scheme in PRESETS or scheme.lower().endswith((".yaml", ".yml", ".json"))):
+        prof = as_profile(scheme)
+        return f"plan:{prof.name}", prof
     if isinstance(scheme, QuantizationConfig):
         label = f"{scheme.dtype}" + (f"-g{scheme.group_size}" if str(scheme.dtype) == "int4" else "")  # q4_K, nf4, ...
         if scheme.mode != "weight_only":
@@ -105,7 +114,12 @@ def compare_schemes(
             lat = ref_latency
             speedup = 1.0 if ref_latency else None
         else:
-            result = QUANTIZERS[cfg.dtype](show_progress=False).quantize(model, cfg, calibration_data=calib)
+            if isinstance(cfg, QuantizationConfig):
+                result = QUANTIZERS[cfg.dtype](show_progress=False).quantize(model, cfg, calibration_data=calib)
+            else:  # a mixed-precision profile (applied in place, so to a copy)
+                from ..quant.profile import apply_profile
+
+                result = apply_profile(copy.deepcopy(model), cfg, calibration_data=calib, show_progress=False)
             q, n_layers, qtime = result.model, result.num_quantized_layers, result.conversion_time_s
             ppl = perplexity(q, ids, seq_len=seq_len, stride=stride, reference_model=model, show_progress=show_progress)
             kl, top1 = ppl.kl_divergence, ppl.top1_agreement
