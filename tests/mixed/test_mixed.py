@@ -195,7 +195,7 @@ def test_infeasible_and_quality_targets():
     assert plan.est_kl <= 0.5
     smaller = solve(rep, target_bytes=plan.bytes - 4096)
     assert smaller.est_kl > 0.5 - 1e-9 or smaller.bytes >= plan.bytes  # the smallest plan under the quality target
-    assert plan.frontier and "bits/weight" in repr(plan)
+    assert plan.frontier and "bits/weight" in repr(plan) and "est. KL" in plan.table(3) and "<table>" in plan._repr_html_()
     prof = plan.to_profile("p")
     assert all(r.format == r.format.lower() or "K" in r.format for r in prof.layers)
 

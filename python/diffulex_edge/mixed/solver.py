@@ -40,6 +40,26 @@ class SolvedPlan:
     est_kl: float
     target: Dict[str, Any] = field(default_factory=dict)
     frontier: List[Tuple[float, float]] = field(default_factory=list)  # (bits/weight, est. KL)
+    #: per tensor: (format, bytes, weights, estimated KL)
+    details: Dict[str, Tuple[str, int, int, float]] = field(default_factory=dict)
+
+    def table(self, top: Optional[int] = None) -> str:
+        """Per tensor: format, bits/weight, weights, share of the plan's bytes, estimated KL
+        (largest estimated KL first; `top` rows)."""
+        rows = sorted(self.details.items(), key=lambda kv: -kv[1][3])[:top]
+        w = max([len(n) for n, _ in rows] + [6])
+        out = [f"{'tensor':<{w}}  {'format':<8} {'bits':>6} {'weights':>10} {'share':>7} {'est. KL':>9}"]
+        for n, (f, b, p, kl) in rows:
+            out.append(f"{n:<{w}}  {f:<8} {b * 8 / max(p, 1):>6.3f} {p:>10} {100 * b / max(self.bytes, 1):>6.2f}% "
+                       f"{kl:>9.5f}")
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{n}</td><td>{f}</td><td>{b * 8 / max(p, 1):.3f}</td><td>{p}</td>"
+                       f"<td>{100 * b / max(self.bytes, 1):.2f}%</td><td>{kl:.5f}</td></tr>"
+                       for n, (f, b, p, kl) in sorted(self.details.items(), key=lambda kv: -kv[1][3]))
+        return (f"<b>{repr(self)}</b><table><tr><th>tensor</th><th>format</th><th>bits/weight</th><th>weights</th>"
+                f"<th>share of size</th><th>estimated KL</th></tr>{rows}</table>")
 
     @property
     def bits_per_weight(self) -> float:
@@ -124,11 +144,12 @@ def _backtrack(opts, choice, best, b: int, unit: float) -> List[int]:
     return picks
 
 
-def _plan(opts, picks, params: int, target) -> SolvedPlan:
+def _plan(opts, picks, params: int, target, sizes: Dict[str, int]) -> SolvedPlan:
     assign = {name: cands[j] for (name, cands, _, _), j in zip(opts, picks)}
     nbytes = int(sum(nb[j] for (_, _, nb, _), j in zip(opts, picks)))
     kl = float(sum(k[j] for (_, _, _, k), j in zip(opts, picks)))
-    return SolvedPlan(assign, nbytes, params, kl, dict(target))
+    details = {name: (cands[j], int(nb[j]), sizes[name], float(k[j])) for (name, cands, nb, k), j in zip(opts, picks)}
+    return SolvedPlan(assign, nbytes, params, kl, dict(target), details=details)
 
 
 def _fill(opts, picks: List[int], budget: int) -> List[int]:
@@ -166,14 +187,15 @@ def solve(report: SensitivityReport, *, target_bpw: Optional[float] = None, targ
         raise ConfigError("give a target: target_bpw, target_bytes or max_kl")
     opts = _options(report)
     params = report.total_params
+    sizes = {t.name: t.params for t in report.tensors}
     lo = int(sum(nb.min() for _, _, nb, _ in opts))
     hi = int(sum(nb.max() for _, _, nb, _ in opts))
     target = {k: v for k, v in (("bits_per_weight", target_bpw), ("bytes", target_bytes), ("max_kl", max_kl))
               if v is not None}
     budget = hi if target_bytes is None and target_bpw is None else (
         int(target_bytes) if target_bytes is not None else int(target_bpw * params / 8))
-    smallest = _plan(opts, [int(np.argmin(nb)) for _, _, nb, _ in opts], params, target)
-    largest_q = _plan(opts, [int(np.argmin(kl)) for _, _, _, kl in opts], params, target)
+    smallest = _plan(opts, [int(np.argmin(nb)) for _, _, nb, _ in opts], params, target, sizes)
+    largest_q = _plan(opts, [int(np.argmin(kl)) for _, _, _, kl in opts], params, target, sizes)
     if budget < lo:
         raise InfeasibleTargetError(
             f"no plan fits {budget * 8 / params:.3f} bits/weight ({budget / 2**20:.2f} MiB): the smallest assignment "
@@ -187,20 +209,20 @@ def solve(report: SensitivityReport, *, target_bpw: Optional[float] = None, targ
     if max_kl is not None:
         ok = np.nonzero(best <= max_kl)[0]
         if len(ok) == 0:
-            top = _plan(opts, _backtrack(opts, choice, best, len(best) - 1, unit), params, target)
+            top = _plan(opts, _backtrack(opts, choice, best, len(best) - 1, unit), params, target, sizes)
             raise InfeasibleTargetError(
                 f"no plan within {budget * 8 / params:.3f} bits/weight reaches estimated KL <= {max_kl}: the best "
                 f"there is {top.est_kl:.4f}; the best of all ({largest_q.bits_per_weight:.3f} bits/weight) estimates "
                 f"{largest_q.est_kl:.4f}", [top, largest_q])
         b = int(ok[0])
         picks = _backtrack(opts, choice, best, b, unit)
-        plan = _plan(opts, picks, params, target)
+        plan = _plan(opts, picks, params, target, sizes)
     else:
         if np.isfinite(best).any():
             b = int(np.argmin(best))  # the minimum is at the largest budget, ties at the smallest one
             picks = _backtrack(opts, choice, best, b, unit)
         else:  # the budget is within the rounding of the smallest plan: start from that plan
             picks = [int(np.argmin(nb)) for _, _, nb, _ in opts]
-        plan = _plan(opts, _fill(opts, picks, budget), params, target)
+        plan = _plan(opts, _fill(opts, picks, budget), params, target, sizes)
     plan.frontier = frontier
     return plan
