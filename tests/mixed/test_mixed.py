@@ -233,3 +233,16 @@ def test_compare_schemes_takes_plans_beside_uniform_schemes():
     assert all(not isinstance(x, QuantizedLinear) for x in m.modules())  # the model itself is untouched
     by = {r.label: r for r in rep.rows}
     assert by["plan:test"].num_quantized_layers == 14 and by["plan:test"].kl_divergence > 0
+
+
+def test_plots():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rep = random_report()
+    ax = rep.plot()
+    assert len(ax.patches) == len(rep.tensors)
+    plan = solve(rep, target_bpw=3.0)
+    ax = plan.plot_frontier()
+    assert len(ax.lines) == 2 and "<table>" in rep._repr_html_()
