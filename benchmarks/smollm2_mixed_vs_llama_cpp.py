@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="calibration windows of 256 tokens for the sensitivities")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--fp16-fraction", type=float, default=None,
+                    help="also solve a plan at this fraction of the FP16 size and compare it with llama.cpp's "
+                    "uniform 4-bit mix (Q4_0)")
     a = ap.parse_args()
     bins = Path(os.environ["LLAMA_CPP_BIN_DIR"])
     work = Path(a.workdir or tempfile.mkdtemp(prefix="smollm2-mixed-"))
@@ -73,10 +76,13 @@ def main() -> None:
           f"tokens of it; KL vs FP32 on {a.chunks}x512 tokens of {a.text} (nats/token)")
     print("| llama.cpp mix | llama.cpp KL | ours KL | llama.cpp PPL | ours PPL | llama.cpp MiB (2-D tensors) "
           "| ours MiB | our plan |\n|---|---|---|---|---|---|---|---|")
-    for mix in a.mixes.split(","):
+    runs = [(mix, None) for mix in a.mixes.split(",") if mix]
+    if a.fp16_fraction:
+        runs.append(("Q4_0", int(a.fp16_fraction * sum(2 * t.params for t in report.tensors))))
+    for mix, fixed_budget in runs:
         theirs = work / f"llama-{mix}.gguf"
         base.run([bins / "llama-quantize", "--imatrix", imat, f32, theirs, mix, a.threads])
-        budget = tensor_bytes(theirs)
+        budget = tensor_bytes(theirs) if fixed_budget is None else fixed_budget
         plan = solve(report, target_bytes=budget)
         ours = work / f"ours-{mix}.gguf"
         q = base.smollm2_fp32()[0]
@@ -88,7 +94,8 @@ def main() -> None:
         k_t = base.kld(bins, theirs, kld_base, a.chunks, a.threads)
         k_o = base.kld(bins, ours, kld_base, a.chunks, a.threads)
         mix_desc = ", ".join(f"{n} {f}" for f, n in plan.counts().items())
-        print(f"| {mix} | {k_t['kl']:.5f} | {k_o['kl']:.5f} | {k_t['ppl']:.3f} | {k_o['ppl']:.3f} | "
+        label = mix if fixed_budget is None else f"{mix} vs ours at {a.fp16_fraction:g} x FP16"
+        print(f"| {label} | {k_t['kl']:.5f} | {k_o['kl']:.5f} | {k_t['ppl']:.3f} | {k_o['ppl']:.3f} | "
               f"{budget / 2**20:.2f} | {tensor_bytes(ours) / 2**20:.2f} | {mix_desc} |", flush=True)
 
 
