@@ -96,7 +96,7 @@ def main() -> None:
         mix_desc = ", ".join(f"{n} {f}" for f, n in plan.counts().items())
         label = mix if fixed_budget is None else f"{mix} vs ours at {a.fp16_fraction:g} x FP16"
         print(f"| {label} | {k_t['kl']:.5f} | {k_o['kl']:.5f} | {k_t['ppl']:.3f} | {k_o['ppl']:.3f} | "
-              f"{budget / 2**20:.2f} | {tensor_bytes(ours) / 2**20:.2f} | {mix_desc} |", flush=True)
+              f"{tensor_bytes(theirs) / 2**20:.2f} | {tensor_bytes(ours) / 2**20:.2f} | {mix_desc} |", flush=True)
 
 
 if __name__ == "__main__":
