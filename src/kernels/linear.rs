@@ -37,7 +37,7 @@ pub enum Fused<'a> {
     Int4(&'a Int4Weights<'a>),
     /// f16 / bf16: the blocked GEMM only (decode + dot is already bandwidth-bound at batch 1).
     Half(&'a HalfWeights<'a>),
-    /// The registry's packed formats: `packed::packed_gemv` below 16 rows, the blocked GEMM above.
+    /// The registry's packed formats: the blocked GEMM only (batch 1 decodes and dots).
     Packed(&'a PackedWeights<'a>),
 }
 
@@ -217,16 +217,12 @@ pub fn linear_act<D: RowDecoder>(
                 }
                 return Ok(());
             }
-            Some(Fused::Packed(wp)) => {
+            Some(Fused::Packed(wp)) if m >= GEMM_MIN_M => {
                 let xf = x.to_f32(m, k, false);
-                if m >= GEMM_MIN_M {
-                    gemm(level, &xf, m, wp, bias, out);
-                } else {
-                    super::packed::packed_gemv(level, &xf, m, wp, bias, out);
-                }
+                gemm(level, &xf, m, wp, bias, out);
                 return Ok(());
             }
-            Some(Fused::Half(_)) | None => {}
+            Some(Fused::Half(_)) | Some(Fused::Packed(_)) | None => {}
         }
     }
     let xf = x.to_f32(m, k, false);
