@@ -459,10 +459,25 @@ const IQ2_CODE: ScaleCode = ScaleCode { a: 0.125, b: 0.25, max: 15 };
 
 /// Write `dl * level * sign` for one group of `dim` weights.
 #[inline(always)]
-fn put_signed(lat: &Lattice, i: usize, dl: f32, signs: u8, out: &mut [f32]) {
-    let v = lat.entry(i);
-    for j in 0..v.len() {
+fn put_signed<const D: usize>(lat: &Lattice, i: usize, dl: f32, signs: u8, out: &mut [f32]) {
+    // fixed-size views: the compiler unrolls and vectorizes the D lanes
+    let v: &[f32; D] = lat.vals[i * D..i * D + D].try_into().expect("codebook entry");
+    let out: &mut [f32; D] = (&mut out[..D]).try_into().expect("group");
+    for j in 0..D {
         // times -1 as a sign flip (the same float, -0.0 included), branch-free
+        let flip = (((signs >> j) & 1) as u32) << 31;
+        out[j] = f32::from_bits((dl * v[j]).to_bits() ^ flip);
+    }
+}
+
+/// IQ3: two codebook entries of 4 under one scale and one sign byte, as 8 weights.
+#[inline(always)]
+fn put_pair_signed(lat: &Lattice, i0: usize, i1: usize, dl: f32, signs: u8, out: &mut [f32]) {
+    let v0: &[f32; 4] = lat.vals[i0 * 4..i0 * 4 + 4].try_into().expect("codebook entry");
+    let v1: &[f32; 4] = lat.vals[i1 * 4..i1 * 4 + 4].try_into().expect("codebook entry");
+    let v = [v0[0], v0[1], v0[2], v0[3], v1[0], v1[1], v1[2], v1[3]];
+    let out: &mut [f32; 8] = (&mut out[..8]).try_into().expect("group");
+    for j in 0..8 {
         let flip = (((signs >> j) & 1) as u32) << 31;
         out[j] = f32::from_bits((dl * v[j]).to_bits() ^ flip);
     }
@@ -470,8 +485,9 @@ fn put_signed(lat: &Lattice, i: usize, dl: f32, signs: u8, out: &mut [f32]) {
 
 /// IQ1: write `dl * (level + delta)` for one group of 8.
 #[inline(always)]
-fn put_shifted(i: usize, dl: f32, neg: bool, out: &mut [f32]) {
-    let v = iq1s().entry(i);
+fn put_shifted(lat: &Lattice, i: usize, dl: f32, neg: bool, out: &mut [f32]) {
+    let v: &[f32; 8] = lat.vals[i * 8..i * 8 + 8].try_into().expect("codebook entry");
+    let out: &mut [f32; 8] = (&mut out[..8]).try_into().expect("group");
     let delta = if neg { -IQ1_DELTA } else { IQ1_DELTA };
     for j in 0..8 {
         out[j] = dl * (v[j] + delta);
@@ -514,7 +530,7 @@ impl BlockFormat for IQ2XXS {
             let dl = iq2_scale(d, (aux1 >> 28) as i32);
             for k in 0..4 {
                 let s = ksigns(aux1 >> (7 * k));
-                put_signed(lat, q[k] as usize, dl, s, &mut out[32 * ib + 8 * k..32 * ib + 8 * k + 8]);
+                put_signed::<8>(lat, q[k] as usize, dl, s, &mut out[32 * ib + 8 * k..32 * ib + 8 * k + 8]);
             }
         }
     }
@@ -553,7 +569,7 @@ impl BlockFormat for IQ2XS {
             let v = u16::from_le_bytes([b.qs[2 * g], b.qs[2 * g + 1]]);
             let ls = (b.scales[g / 4] >> (4 * ((g / 2) % 2))) & 0x0F;
             let dl = iq2_scale(d, ls as i32);
-            put_signed(lat, (v & 511) as usize, dl, ksigns((v >> 9) as u32), &mut out[8 * g..8 * g + 8]);
+            put_signed::<8>(lat, (v & 511) as usize, dl, ksigns((v >> 9) as u32), &mut out[8 * g..8 * g + 8]);
         }
     }
 }
@@ -592,7 +608,7 @@ impl BlockFormat for IQ2S {
         for g in 0..32 {
             let i = b.qs[g] as usize | ((((b.qh[g / 4] >> (2 * (g % 4))) & 3) as usize) << 8);
             let ls = (b.scales[g / 4] >> (4 * ((g / 2) % 2))) & 0x0F;
-            put_signed(lat, i, iq2_scale(d, ls as i32), b.signs[g], &mut out[8 * g..8 * g + 8]);
+            put_signed::<8>(lat, i, iq2_scale(d, ls as i32), b.signs[g], &mut out[8 * g..8 * g + 8]);
         }
     }
 }
@@ -648,8 +664,8 @@ impl BlockFormat for IQ3XXS {
             for k in 0..4 {
                 let s = ksigns(v >> (7 * k));
                 let o = 32 * ib + 8 * k;
-                put_signed(lat, b.qs[8 * ib + 2 * k] as usize, dl, s, &mut out[o..o + 4]);
-                put_signed(lat, b.qs[8 * ib + 2 * k + 1] as usize, dl, s >> 4, &mut out[o + 4..o + 8]);
+                let (i0, i1) = (b.qs[8 * ib + 2 * k] as usize, b.qs[8 * ib + 2 * k + 1] as usize);
+                put_pair_signed(lat, i0, i1, dl, s, &mut out[o..o + 8]);
             }
         }
     }
@@ -687,11 +703,16 @@ impl BlockFormat for IQ3S {
         let b: &BlockIQ3S = block_ref(bytes);
         let d = f16_val(b.d);
         let lat = iq3s();
-        for g in 0..64 {
-            let i = b.qs[g] as usize | ((((b.qh[g / 8] >> (g % 8)) & 1) as usize) << 8);
-            let ls = (b.scales[g / 16] >> (4 * ((g / 8) % 2))) & 0x0F;
-            let s = b.signs[g / 2] >> (4 * (g % 2));
-            put_signed(lat, i, odd_scale(d, ls as i32), s, &mut out[4 * g..4 * g + 4]);
+        for ib in 0..8 {
+            let ls = (b.scales[ib / 2] >> (4 * (ib % 2))) & 0x0F;
+            let dl = odd_scale(d, ls as i32);
+            let qh = b.qh[ib];
+            for k in 0..4 {
+                let g = 8 * ib + 2 * k;
+                let i0 = b.qs[g] as usize | ((((qh >> (2 * k)) & 1) as usize) << 8);
+                let i1 = b.qs[g + 1] as usize | ((((qh >> (2 * k + 1)) & 1) as usize) << 8);
+                put_pair_signed(lat, i0, i1, dl, b.signs[4 * ib + k], &mut out[4 * g..4 * g + 8]);
+            }
         }
     }
 }
@@ -729,13 +750,14 @@ impl BlockFormat for IQ1S {
     fn dequantize_block(bytes: &[u8], out: &mut [f32]) {
         let b: &BlockIQ1S = block_ref(bytes);
         let d = f16_val(b.d);
+        let lat = iq1s();
         for ib in 0..8 {
             let h = u16::from_le_bytes([b.qh[2 * ib], b.qh[2 * ib + 1]]);
             let dl = odd_scale(d, ((h >> 12) & 7) as i32);
             let neg = h & 0x8000 != 0;
             for k in 0..4 {
                 let i = b.qs[4 * ib + k] as usize | ((((h >> (3 * k)) & 7) as usize) << 8);
-                put_shifted(i, dl, neg, &mut out[32 * ib + 8 * k..32 * ib + 8 * k + 8]);
+                put_shifted(lat, i, dl, neg, &mut out[32 * ib + 8 * k..32 * ib + 8 * k + 8]);
             }
         }
     }
@@ -777,12 +799,13 @@ impl BlockFormat for IQ1M {
         let sc: [u16; 4] = std::array::from_fn(|m| u16::from_le_bytes([b.scales[2 * m], b.scales[2 * m + 1]]));
         let dbits = (sc[0] >> 12) | ((sc[1] >> 12) << 4) | ((sc[2] >> 12) << 8) | ((sc[3] >> 12) << 12);
         let d = f16_val(dbits.to_le_bytes());
+        let lat = iq1s();
         for g in 0..32 {
             let h = g / 2; // the scale of the group's 16 weights
             let ls = (sc[h / 4] >> (3 * (h % 4))) & 7;
             let nib = (b.qh[g / 2] >> (4 * (g % 2))) & 0xF;
             let i = b.qs[g] as usize | (((nib & 7) as usize) << 8);
-            put_shifted(i, odd_scale(d, ls as i32), nib & 8 != 0, &mut out[8 * g..8 * g + 8]);
+            put_shifted(lat, i, odd_scale(d, ls as i32), nib & 8 != 0, &mut out[8 * g..8 * g + 8]);
         }
     }
 }
