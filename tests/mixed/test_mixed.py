@@ -246,3 +246,16 @@ def test_plots():
     plan = solve(rep, target_bpw=3.0)
     ax = plan.plot_frontier()
     assert len(ax.lines) == 2 and "<table>" in rep._repr_html_()
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "IQ2_XS", "Q3_K_M"])
+def test_a_llama_cpp_mix_as_a_profile_matches_the_export(tmp_path, mix):
+    m = tiny(layers=8)
+    prof = DynamicQuantizationProfile.from_llama_mix(m, mix)
+    export_gguf(m, tmp_path / "a.gguf", quant=mix)
+    export_gguf(m, tmp_path / "b.gguf", quant="F16", profile=prof)  # the profile alone decides the 2-D types
+    a = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "a.gguf").tensors}
+    b = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "b.gguf").tensors}
+    assert a == b
+    res = quantize_(m, prof)
+    assert {r.format for r in res.layers} <= {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xs", "iq3_s", "iq3_xxs", "q8_0"}

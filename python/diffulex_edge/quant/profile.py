@@ -109,6 +109,24 @@ class DynamicQuantizationProfile:
         """Every Linear layer of `model` -> its format (``None``: kept in float)."""
         return {n: self.format_for(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
+    @classmethod
+    def from_llama_mix(cls, model: nn.Module, mix: str = "Q4_K_M", *, imatrix: Any = None) -> "DynamicQuantizationProfile":
+        """llama.cpp's mix `mix` (``Q4_K_M``, ``IQ2_XS``, ... the types llama-quantize would give
+        each tensor of this model, fallbacks included; see ``export.gguf_mixes``) as a profile
+        of exact module names, so ``quantize_`` applies it to PyTorch layers. F32/F16 tensors
+        (norms; F16 fallbacks) stay float; embeddings get their rule too (used by GGUF exports)."""
+        from ..export.gguf_export import plan_gguf
+        from .config import PACKED_FORMATS
+
+        by_ggml = {v["ggml_type"]: k for k, v in PACKED_FORMATS.items() if v["ggml_type"]}
+        rules = []
+        for t in plan_gguf(model, mix, imatrix=imatrix).tensors:
+            if t.hf_name is None or not t.hf_name.endswith(".weight") or len(t.shape) < 2:
+                continue
+            module = t.hf_name[: -len(".weight")]
+            rules.append(LayerQuantizationConfig(module, by_ggml.get(t.ggml_type, "float")))
+        return cls(f"llama.cpp {mix.upper()}", rules, None, notes=f"llama.cpp's {mix.upper()} mix for this model")
+
     # -- files ------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "default": self.default, "target": dict(self.target), "notes": self.notes,
