@@ -259,3 +259,14 @@ def test_a_llama_cpp_mix_as_a_profile_matches_the_export(tmp_path, mix):
     assert a == b
     res = quantize_(m, prof)
     assert {r.format for r in res.layers} <= {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xs", "iq3_s", "iq3_xxs", "q8_0"}
+
+
+def test_a_profile_keeps_protected_super_weights_exact():
+    m = tiny()
+    w = m.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w[3, 7] = 40.0  # an outlier, as super weights are
+    res = quantize_(m, "mlp-low-precision", protect={"model.layers.0.mlp.down_proj": [(3, 7)]})
+    q = m.model.layers[0].mlp.down_proj
+    assert isinstance(q, QuantizedLinear) and str(q.qdtype) == "q3_K"
+    assert float(q.dequantize_weight()[3, 7]) == 40.0 and res.num_quantized_layers == 14

@@ -314,7 +314,7 @@ PRESETS: Dict[str, DynamicQuantizationProfile] = {
     p.name: p for p in [
         _preset("attention-high-precision", "q4_K", [("*.self_attn.*", "q6_K")],
                 "attention projections at 6.6 bits, everything else at 4.5"),
-        _preset("mlp-low-precision", "q4_K", [("*.mlp.*", "q2_K"), ("*.mlp.down_proj", "q3_K")],
+        _preset("mlp-low-precision", "q4_K", [("*.mlp.down_proj", "q3_K"), ("*.mlp.*", "q2_K")],
                 "MLP at 2.6-3.4 bits (down_proj a step higher), attention at 4.5"),
         _preset("dynamic-2bit", "iq2_xxs",
                 [("re:^model\\.layers\\.0\\.", "q4_K"), ("*.self_attn.v_proj", "q4_K"), ("*.self_attn.o_proj", "iq3_xxs"),
