@@ -311,9 +311,13 @@ mod tests {
             assert_eq!(&part[..], &back[f.block_size()..cols], "{}", f.name());
             // a coarse sanity bound (the per-format bounds are in the Python tolerance table):
             // ternary grids are off by up to half the absmax (0.1 here), and q2_K's 4-bit
-            // quantized scale and min add to its 4-level grid's half step
+            // quantized scale and min add to its 4-level grid's half step. The 1-3 bit lattice
+            // codebooks hold only 256-2048 of a group's 3^8 (8^4) lattice points, and their
+            // 7-bit sign codes flip one weight of an odd group: only the range is bounded there.
             let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err <= 0.1 * 0.75, "{}: max error {err}", f.name());
+            let lattice = f.name().starts_with("iq") && !f.name().starts_with("iq4");
+            let bound = if lattice { 0.1 * 1.5 } else { 0.1 * 0.75 };
+            assert!(err <= bound, "{}: max error {err}", f.name());
             assert_eq!(first_non_finite(*f, &q, cols).unwrap(), None);
         }
     }
