@@ -15,11 +15,12 @@ BLOCKED = [t for t in ALL if GGML_TYPES[t].block_size > 1]
 RTN = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "F16", "BF16"]
 
 #: Upper bounds on RMSE / std of the search quantizer on N(0, 1) data, per type: the one table of
-#: per-format error bounds (measured values plus ~6% headroom; gguf-py's rtn gives Q4_0 0.085,
+#: per-format error bounds (measured values plus ~6% headroom; Q4_0 without an imatrix rounds to
+#: nearest like llama.cpp, 0.0854 here, since that gave the lower KL on SmolLM2; gguf-py's rtn gives Q4_0 0.085,
 #: Q4_1 0.078, Q5_0 0.042, Q5_1 0.038, Q8_0 0.0053, TQ1_0/TQ2_0 0.81 on the same data).
 RMSE_BOUND = {
     "F32": 0.0, "F16": 2.3e-4, "BF16": 1.8e-3, "Q8_0": 5.3e-3, "Q6_K": 1.8e-2, "Q5_0": 4.2e-2, "Q5_1": 3.7e-2,
-    "Q5_K": 3.8e-2, "Q4_0": 8.5e-2, "Q4_1": 7.5e-2, "Q4_K": 7.6e-2, "IQ4_NL": 8.0e-2, "IQ4_XS": 8.0e-2,
+    "Q5_K": 3.8e-2, "Q4_0": 9.1e-2, "Q4_1": 7.5e-2, "Q4_K": 7.6e-2, "IQ4_NL": 8.0e-2, "IQ4_XS": 8.0e-2,
     "Q3_K": 0.152, "Q2_K": 0.285, "TQ2_0": 0.46, "TQ1_0": 0.46,
     # lattice codebooks (llama.cpp's quantizer on the same data, with unit importances, measures
     # 5-7% above these before headroom: tests/gguf_container/test_llama_cpp.py::test_iq_error_vs_ggml)

@@ -183,15 +183,14 @@ impl BlockFormat for Q4_0 {
 
     #[inline(always)]
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        // without an imatrix: magnitude weights (see `search::magnitude_weights` for the measurement)
-        let mut mw = [0f32; 32];
-        let imp = if imp.is_none() {
-            super::search::magnitude_weights(x, &mut mw);
-            Some(&mw[..])
-        } else {
-            imp
+        // Without an imatrix, round to nearest: llama.cpp's choice too (quantize_row_q4_0_ref),
+        // and on SmolLM2-135M it beat both searches we tried (llama-perplexity KL vs FP32, 20x512
+        // WikiText-2 test tokens: round-to-nearest 0.2641, magnitude-weighted search 0.2706,
+        // unit-weight search 0.2742).
+        let Some(imp) = imp else {
+            return Self::quantize_block_rtn(x, out);
         };
-        let (d, l) = quantize_sym_block(x, imp, 8, NTRY_4BIT);
+        let (d, l) = quantize_sym_block(x, Some(imp), 8, NTRY_4BIT);
         store_q4_0(d, &l, out);
     }
 
