@@ -342,6 +342,17 @@ fn split_signs(x: &[f32], w: &[f32], parity: bool, xp: &mut [f32], signs: &mut [
     }
 }
 
+/// The IQ2/IQ3 quantizers' inputs: per-weight importances, sign-adjusted weights and sign bits
+/// (`parity`: 7 stored bits per 8 weights).
+#[inline(always)]
+fn signed_inputs(x: &[f32], imp: Option<&[f32]>, parity: bool) -> ([f32; QK_K], [f32; QK_K], [u8; 32]) {
+    let mut w = [0f32; QK_K];
+    block_weights(x, imp, &mut w);
+    let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
+    split_signs(x, &w, parity, &mut xp, &mut signs);
+    (w, xp, signs)
+}
+
 /// How a format stores its sub-block scale: `d * (a + b * ls)` with `ls` in `0..=max`.
 #[derive(Clone, Copy)]
 struct ScaleCode {
@@ -501,10 +512,7 @@ impl BlockFormat for IQ2XXS {
     const BYTES: usize = 66;
 
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let mut w = [0f32; QK_K];
-        block_weights(x, imp, &mut w);
-        let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
-        split_signs(x, &w, true, &mut xp, &mut signs);
+        let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 8]);
         let d = quantize_super(iq2xxs(), &xp, &w, 32, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2XXS = block_mut(out);
@@ -543,10 +551,7 @@ impl BlockFormat for IQ2XS {
     const BYTES: usize = 74;
 
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let mut w = [0f32; QK_K];
-        block_weights(x, imp, &mut w);
-        let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
-        split_signs(x, &w, true, &mut xp, &mut signs);
+        let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 16]);
         let d = quantize_super(iq2xs(), &xp, &w, 16, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2XS = block_mut(out);
@@ -581,10 +586,7 @@ impl BlockFormat for IQ2S {
     const BYTES: usize = 82;
 
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let mut w = [0f32; QK_K];
-        block_weights(x, imp, &mut w);
-        let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
-        split_signs(x, &w, false, &mut xp, &mut signs);
+        let (w, xp, signs) = signed_inputs(x, imp, false);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 16]);
         let d = quantize_super(iq2s(), &xp, &w, 16, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2S = block_mut(out);
@@ -632,10 +634,7 @@ impl BlockFormat for IQ3XXS {
     const BYTES: usize = 98;
 
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let mut w = [0f32; QK_K];
-        block_weights(x, imp, &mut w);
-        let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
-        split_signs(x, &w, true, &mut xp, &mut signs);
+        let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 64], [false; 64], [0i32; 8]);
         let code = ScaleCode { a: 0.25, b: 0.5, max: 15 };
         let d = quantize_super(iq3xxs(), &xp, &w, 32, code, iq3xxs_scale, Delta::None, &mut idx, &mut neg, &mut ls);
@@ -678,10 +677,7 @@ impl BlockFormat for IQ3S {
     const BYTES: usize = 110;
 
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
-        let mut w = [0f32; QK_K];
-        block_weights(x, imp, &mut w);
-        let (mut xp, mut signs) = ([0f32; QK_K], [0u8; 32]);
-        split_signs(x, &w, false, &mut xp, &mut signs);
+        let (w, xp, signs) = signed_inputs(x, imp, false);
         let (mut idx, mut neg, mut ls) = ([0u16; 64], [false; 64], [0i32; 8]);
         let code = ScaleCode { a: 1.0, b: 2.0, max: 15 };
         let d = quantize_super(iq3s(), &xp, &w, 32, code, odd_scale, Delta::None, &mut idx, &mut neg, &mut ls);
