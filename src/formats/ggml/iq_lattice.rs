@@ -353,38 +353,24 @@ fn signed_inputs(x: &[f32], imp: Option<&[f32]>, parity: bool) -> ([f32; QK_K], 
     (w, xp, signs)
 }
 
-/// How a format stores its sub-block scale: `d * (a + b * ls)` with `ls` in `0..=max`.
-#[derive(Clone, Copy)]
-struct ScaleCode {
-    a: f32,
-    b: f32,
-    max: i32,
-}
-
-impl ScaleCode {
-    #[inline(always)]
-    fn value(self, d: f32, ls: i32) -> f32 {
-        d * (self.a + ls as f32 * self.b)
-    }
-}
-
 /// IQ2 scale: `d * (0.5 + ls) * 0.25` (computed in that order, as gguf-py does).
 #[inline(always)]
 fn iq2_scale(d: f32, ls: i32) -> f32 {
     d * (0.5 + ls as f32) * 0.25
 }
 
-/// The shared quantizer: `x` one super-block, `sub` weights per scale, `sc` the scale code,
-/// `delta` the IQ1 shift rule. Writes the
-/// codebook indices, shift signs and scale codes; returns the f16 super-block scale.
+/// The shared quantizer: `x` one super-block, `sub` weights per scale, `stored(d, ls)` the
+/// format's sub-block scale for codes `ls` in `0..=max_ls` (affine in `ls`, computed as the
+/// decoder does), `delta` the IQ1 shift rule. Writes the codebook indices, shift signs and scale
+/// codes; returns the f16 super-block scale.
 #[allow(clippy::too_many_arguments)]
 fn quantize_super(
     lat: &Lattice,
     xp: &[f32],
     w: &[f32],
     sub: usize,
-    sc: ScaleCode,
     stored: impl Fn(f32, i32) -> f32,
+    max_ls: i32,
     delta: Delta,
     idx: &mut [u16],
     neg: &mut [bool],
@@ -394,8 +380,10 @@ fn quantize_super(
     let gps = sub / lat.dim;
     let mut scales = [0f32; 16];
     let mut dsign = [0f32; 16];
+    let mut sumx2 = [0f32; 16];
     for ib in 0..nsub {
         let (xs, ws) = (&xp[ib * sub..(ib + 1) * sub], &w[ib * sub..(ib + 1) * sub]);
+        sumx2[ib] = xs.iter().zip(ws).map(|(x, w)| w * x * x).sum();
         if delta != Delta::PerSub {
             scales[ib] = search_scale(lat, xs, ws, delta);
         } else {
@@ -405,8 +393,7 @@ fn quantize_super(
                 let s = search_scale(lat, xs, ws, Delta::Fixed(d));
                 let (mut i2, mut n2) = ([0u16; 32], [false; 32]);
                 let a = assign(lat, xs, ws, s.max(f32::MIN_POSITIVE), Delta::Fixed(d), &mut i2[..gps], &mut n2[..gps]);
-                let sumx2: f32 = xs.iter().zip(ws).map(|(x, w)| w * x * x).sum();
-                let e = err_at(sumx2, a, s);
+                let e = err_at(sumx2[ib], a, s);
                 if e < be {
                     (bs, be, bd) = (s, e, d);
                 }
@@ -416,7 +403,9 @@ fn quantize_super(
         }
     }
     let smax = scales[..nsub].iter().fold(0f32, |m, v| m.max(*v));
-    let d = f16_round(smax / sc.value(1.0, sc.max));
+    let d = f16_round(smax / stored(1.0, max_ls));
+    // stored(d, ls) = d * (a + b ls): a and b are exact for every format here (1/8 .. 2)
+    let (a0, b0) = (stored(1.0, 0), stored(1.0, 1) - stored(1.0, 0));
     if d == 0.0 {
         idx.fill(0);
         neg.fill(false);
@@ -425,16 +414,15 @@ fn quantize_super(
     }
     for ib in 0..nsub {
         let (xs, ws) = (&xp[ib * sub..(ib + 1) * sub], &w[ib * sub..(ib + 1) * sub]);
-        let sumx2: f32 = xs.iter().zip(ws).map(|(x, w)| w * x * x).sum();
-        let ideal = ((scales[ib] / d - sc.a) / sc.b).clamp(0.0, sc.max as f32);
-        let lo = (ideal.floor() as i32).clamp(0, sc.max);
+        let ideal = ((scales[ib] / d - a0) / b0).clamp(0.0, max_ls as f32);
+        let lo = (ideal.floor() as i32).clamp(0, max_ls);
         let dl = if delta == Delta::PerSub { Delta::Fixed(dsign[ib]) } else { delta };
         let mut be = f32::INFINITY;
         let (mut ti, mut tn) = ([0u16; 32], [false; 32]);
-        for ls in [lo, (lo + 1).min(sc.max)] {
+        for ls in [lo, (lo + 1).min(max_ls)] {
             let s = stored(d, ls);
             let a = assign(lat, xs, ws, s, dl, &mut ti[..gps], &mut tn[..gps]);
-            let e = err_at(sumx2, a, s);
+            let e = err_at(sumx2[ib], a, s);
             if e < be {
                 be = e;
                 ls_out[ib] = ls;
@@ -465,8 +453,6 @@ byte_block!(BlockIQ3XXS { d: 2, qs: 64, sas: 32 }, 98);
 byte_block!(BlockIQ3S { d: 2, qs: 64, qh: 8, signs: 32, scales: 4 }, 110);
 byte_block!(BlockIQ1S { d: 2, qs: 32, qh: 16 }, 50);
 byte_block!(BlockIQ1M { qs: 32, qh: 16, scales: 8 }, 56);
-
-const IQ2_CODE: ScaleCode = ScaleCode { a: 0.125, b: 0.25, max: 15 };
 
 /// Write `dl * level * sign` for one group of `dim` weights.
 #[inline(always)]
@@ -514,7 +500,7 @@ impl BlockFormat for IQ2XXS {
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 8]);
-        let d = quantize_super(iq2xxs(), &xp, &w, 32, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq2xxs(), &xp, &w, 32, iq2_scale, 15, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2XXS = block_mut(out);
         b.d = f16_bits(d);
         for ib in 0..8 {
@@ -553,7 +539,7 @@ impl BlockFormat for IQ2XS {
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 16]);
-        let d = quantize_super(iq2xs(), &xp, &w, 16, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq2xs(), &xp, &w, 16, iq2_scale, 15, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2XS = block_mut(out);
         b.d = f16_bits(d);
         for g in 0..32 {
@@ -588,7 +574,7 @@ impl BlockFormat for IQ2S {
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (w, xp, signs) = signed_inputs(x, imp, false);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 16]);
-        let d = quantize_super(iq2s(), &xp, &w, 16, IQ2_CODE, iq2_scale, Delta::None, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq2s(), &xp, &w, 16, iq2_scale, 15, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ2S = block_mut(out);
         b.d = f16_bits(d);
         b.qh = [0; 8];
@@ -636,8 +622,7 @@ impl BlockFormat for IQ3XXS {
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (w, xp, signs) = signed_inputs(x, imp, true);
         let (mut idx, mut neg, mut ls) = ([0u16; 64], [false; 64], [0i32; 8]);
-        let code = ScaleCode { a: 0.25, b: 0.5, max: 15 };
-        let d = quantize_super(iq3xxs(), &xp, &w, 32, code, iq3xxs_scale, Delta::None, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq3xxs(), &xp, &w, 32, iq3xxs_scale, 15, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ3XXS = block_mut(out);
         b.d = f16_bits(d);
         for g in 0..64 {
@@ -679,8 +664,7 @@ impl BlockFormat for IQ3S {
     fn quantize_block(x: &[f32], imp: Option<&[f32]>, out: &mut [u8]) {
         let (w, xp, signs) = signed_inputs(x, imp, false);
         let (mut idx, mut neg, mut ls) = ([0u16; 64], [false; 64], [0i32; 8]);
-        let code = ScaleCode { a: 1.0, b: 2.0, max: 15 };
-        let d = quantize_super(iq3s(), &xp, &w, 32, code, odd_scale, Delta::None, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq3s(), &xp, &w, 32, odd_scale, 15, Delta::None, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ3S = block_mut(out);
         b.d = f16_bits(d);
         b.qh = [0; 8];
@@ -713,8 +697,6 @@ impl BlockFormat for IQ3S {
     }
 }
 
-const IQ1_CODE: ScaleCode = ScaleCode { a: 1.0, b: 2.0, max: 7 };
-
 pub struct IQ1S;
 impl BlockFormat for IQ1S {
     const TYPE: GgmlType = GgmlType::IQ1_S;
@@ -725,7 +707,7 @@ impl BlockFormat for IQ1S {
         let mut w = [0f32; QK_K];
         block_weights(x, imp, &mut w);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 8]);
-        let d = quantize_super(iq1s(), x, &w, 32, IQ1_CODE, odd_scale, Delta::PerSub, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq1s(), x, &w, 32, odd_scale, 7, Delta::PerSub, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ1S = block_mut(out);
         b.d = f16_bits(d);
         for ib in 0..8 {
@@ -769,7 +751,7 @@ impl BlockFormat for IQ1M {
         let mut w = [0f32; QK_K];
         block_weights(x, imp, &mut w);
         let (mut idx, mut neg, mut ls) = ([0u16; 32], [false; 32], [0i32; 16]);
-        let d = quantize_super(iq1s(), x, &w, 16, IQ1_CODE, odd_scale, Delta::PerGroup, &mut idx, &mut neg, &mut ls);
+        let d = quantize_super(iq1s(), x, &w, 16, odd_scale, 7, Delta::PerGroup, &mut idx, &mut neg, &mut ls);
         let b: &mut BlockIQ1M = block_mut(out);
         let dbits = u16::from_le_bytes(f16_bits(d));
         for g in 0..32 {
