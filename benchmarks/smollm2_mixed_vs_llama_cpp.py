@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 
+from diffulex_edge.export import plan_gguf, write_gguf
 from diffulex_edge.mixed import analyze_sensitivity, solve
 from diffulex_edge.quant.importance import resolve_imatrix
 
@@ -86,8 +87,6 @@ def main() -> None:
         plan = solve(report, target_bytes=budget)
         ours = work / f"ours-{mix}.gguf"
         q = base.smollm2_fp32()[0]
-        from diffulex_edge.export import plan_gguf, write_gguf
-
         p = plan_gguf(q, mix, imatrix=str(imat), profile=plan.to_profile(f"solved-{mix}"))
         p.metadata += tok_meta
         write_gguf(p, ours, show_progress=False)

@@ -56,7 +56,6 @@ class TensorSensitivity:
     proxy: Dict[str, float]
     kl: Dict[str, float] = field(default_factory=dict)  # estimated (measured where `measured`)
     measured: Dict[str, float] = field(default_factory=dict)
-    f16_bytes: int = 0
 
     @property
     def params(self) -> int:
@@ -68,11 +67,9 @@ class TensorSensitivity:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TensorSensitivity":
-        t = cls(d["name"], tuple(d["shape"]), list(d["candidates"]), {k: int(v) for k, v in d["bytes"].items()},
-                {k: float(v) for k, v in d["proxy"].items()}, {k: float(v) for k, v in d["kl"].items()},
-                {k: float(v) for k, v in d["measured"].items()})
-        t.f16_bytes = t.params * 2
-        return t
+        return cls(d["name"], tuple(d["shape"]), list(d["candidates"]), {k: int(v) for k, v in d["bytes"].items()},
+                   {k: float(v) for k, v in d["proxy"].items()}, {k: float(v) for k, v in d["kl"].items()},
+                   {k: float(v) for k, v in d["measured"].items()})
 
 
 @dataclass
@@ -254,7 +251,6 @@ def analyze_sensitivity(
                 else:
                     kl[c] = measured[ref] * proxy[c] / proxy[ref] if proxy[ref] > 0 else 0.0
             t = TensorSensitivity(name, (rows, cols), fit, nbytes, proxy, kl, measured)
-            t.f16_bytes = rows * cols * 2
             results.append(t)
             done[name] = t
             if ck is not None:

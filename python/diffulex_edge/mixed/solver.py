@@ -74,11 +74,9 @@ class SolvedPlan:
     def to_profile(self, name: str = "solved"):
         """The plan as a :class:`~diffulex_edge.quant.DynamicQuantizationProfile` (exact module
         names, lower-case format names): for ``quantize_``, ``export_gguf(profile=...)``, a file."""
-        from ..quant.config import PACKED_FORMATS
-        from ..quant.profile import DynamicQuantizationProfile, LayerQuantizationConfig
+        from ..quant.profile import FORMAT_OF_GGML, DynamicQuantizationProfile, LayerQuantizationConfig
 
-        by_ggml = {v["ggml_type"]: k for k, v in PACKED_FORMATS.items() if v["ggml_type"]}
-        rules = [LayerQuantizationConfig(n, by_ggml[f]) for n, f in self.assignment.items()]
+        rules = [LayerQuantizationConfig(n, FORMAT_OF_GGML[f]) for n, f in self.assignment.items()]
         return DynamicQuantizationProfile(name, rules, None, target=dict(self.target),
                                           notes=f"{self.bits_per_weight:.3f} bits/weight, estimated KL {self.est_kl:.5f}")
 

@@ -28,11 +28,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from ..errors import ConfigError
-from .config import QuantizationConfig, QuantizationDtype
+from .config import PACKED_FORMATS, QuantizationConfig, QuantizationDtype
 from .result import LayerRecord, QuantizationResult
 from .walk import _match, model_size_bytes
 
 KEEP = ("float", "none", "fp32", "f32")
+
+
+#: GGUF block type -> format name (the packed GGML formats), and format name -> GGUF type (those,
+#: fp16 and bf16)
+FORMAT_OF_GGML: Dict[str, str] = {v["ggml_type"]: k for k, v in PACKED_FORMATS.items() if v["ggml_type"]}
+GGML_OF_FORMAT: Dict[str, str] = {**{k: g for g, k in FORMAT_OF_GGML.items()}, "fp16": "F16", "f16": "F16",
+                                  "bf16": "BF16"}
 
 
 @dataclass
@@ -116,15 +123,13 @@ class DynamicQuantizationProfile:
         of exact module names, so ``quantize_`` applies it to PyTorch layers. F32/F16 tensors
         (norms; F16 fallbacks) stay float; embeddings get their rule too (used by GGUF exports)."""
         from ..export.gguf_export import plan_gguf
-        from .config import PACKED_FORMATS
 
-        by_ggml = {v["ggml_type"]: k for k, v in PACKED_FORMATS.items() if v["ggml_type"]}
         rules = []
         for t in plan_gguf(model, mix, imatrix=imatrix).tensors:
             if t.hf_name is None or not t.hf_name.endswith(".weight") or len(t.shape) < 2:
                 continue
             module = t.hf_name[: -len(".weight")]
-            rules.append(LayerQuantizationConfig(module, by_ggml.get(t.ggml_type, "float")))
+            rules.append(LayerQuantizationConfig(module, FORMAT_OF_GGML.get(t.ggml_type, "float")))
         return cls(f"llama.cpp {mix.upper()}", rules, None, notes=f"llama.cpp's {mix.upper()} mix for this model")
 
     # -- files ------------------------------------------------------------------------------
@@ -244,9 +249,8 @@ def apply_profile(model: nn.Module, profile: ProfileLike, *, imatrix: Any = None
     for fmt, names in groups.items():
         cfg = QuantizationConfig.from_scheme(fmt, exclude_layers=[n for n in linear if n not in set(names)],
                                              check_coherence=False)
-        plan = plan_layers(model, cfg)  # validates every layer of this format before any change
+        plan_layers(model, cfg)  # validates every layer of this format before any change
         configs.append((fmt, cfg))
-        del plan
     original = model_size_bytes(model)
     # one coherence check for the whole plan (per-format calls have it off): on when its
     # lowest-bit format is below 3 bits per weight, as for a single format
@@ -282,7 +286,6 @@ def gguf_overrides(profile: ProfileLike, model: nn.Module) -> List[Tuple[str, st
     import re
 
     from ..arch import gguf_tensor_name
-    from .config import PACKED_FORMATS
 
     prof = as_profile(profile)
     out: List[Tuple[str, str]] = []
@@ -295,8 +298,7 @@ def gguf_overrides(profile: ProfileLike, model: nn.Module) -> List[Tuple[str, st
         g = gguf_tensor_name(f"{name}.weight")
         if g is None:
             continue
-        ggml = PACKED_FORMATS.get(fmt, {}).get("ggml_type") if fmt in PACKED_FORMATS else \
-            {"fp16": "F16", "bf16": "BF16", "f16": "F16"}.get(fmt)
+        ggml = GGML_OF_FORMAT.get(fmt)
         if ggml is None:
             raise ConfigError(f"profile {prof.name!r} gives {name} the format {fmt!r}, which has no GGUF type; "
                               "use a GGML type (q4_K, iq2_xxs, q8_0, ...), fp16 or bf16 for a GGUF export")
