@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module (src/python/mod.rs)."""
 
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -99,6 +99,8 @@ def packed_linear(
     bias: Optional[npt.NDArray[np.float32]] = None, kernel: str = "auto",
 ) -> None: ...
 def gguf_read_header(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]: ...
+def gguf_layout(metadata: Sequence[Tuple[str, Sequence[int], Any]], tensors: Sequence[Tuple[str, Sequence[int], int]]
+                ) -> Tuple[bytes, List[int], List[int], int]: ...
 def gguf_write(
     path: Union[str, "os.PathLike[str]"], metadata: List[Tuple[str, List[int], Any]],
     tensors: List[Tuple[str, List[int], int, npt.NDArray[np.uint8]]],

@@ -145,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="round-to-nearest (gguf-py's bytes) where the type has it, instead of the scale search")
     g.add_argument("--name", help="general.name in the file (default: the folder name)")
     g.add_argument("--report", metavar="FILE", help="also write the per-tensor report as JSON")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing an interrupted export (OUT.partial)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="encode the tensors as Ray tasks: on a new local Ray instance, or on the cluster at ADDRESS "
+                   "('auto' for the one this machine belongs to); needs pip install 'diffulex-edge[ray]'")
     return p
 
 
@@ -337,6 +342,27 @@ def _cmd_gguf(a) -> int:
     if hf.is_quantized_dir(a.model_dir):
         raise ValueError(f"{a.model_dir} holds diffulex-edge quantized weights; export the float model folder "
                          "(GGUF applies its own quantization)")
+    name = a.name or os.path.basename(os.path.normpath(a.model_dir))
+    if a.target_bpw is None and _has_safetensors(a.model_dir):
+        # out of core: one tensor in memory at a time, resumable, optionally on Ray
+        from .export import export_gguf_checkpoint
+        from .export.stream import load_folder_tokenizer
+
+        tok = load_folder_tokenizer(a.model_dir)
+        if tok is None:
+            print(f"note: {a.model_dir} has no tokenizer files; the GGUF will lack a vocabulary "
+                  "(llama.cpp needs one to run it)", file=sys.stderr)
+        report = export_gguf_checkpoint(
+            a.model_dir, a.output, quant=a.quant, imatrix=a.imatrix, tokenizer=tok, overrides=overrides or None,
+            name=name, mode="rtn" if a.rtn else "search", profile=a.plan, resume=not a.no_resume,
+            executor="ray" if a.ray else "local", ray_address=None if a.ray in (None, "local") else a.ray)
+        if report.resumed_tensors:
+            print(f"resumed: {report.resumed_tensors} tensors were already written by an interrupted run")
+        print(f"encoded {report.input_bytes / 1e9:.2f} GB of weights in {report.seconds:.1f} s")
+        return _print_gguf_report(a, report)
+    if a.ray or a.no_resume:
+        raise ValueError("--ray and --no-resume apply to safetensors model folders, exported tensor by tensor; "
+                         f"{a.model_dir} {'is exported with --target-bpw in memory' if a.target_bpw else 'has no .safetensors'}")
     # the checkpoint's dtype (bf16 models stay bf16: half the memory); tensors are converted to
     # float32 one at a time during the export
     model, tok = hf.load_model(a.model_dir, dtype="auto")
@@ -349,12 +375,19 @@ def _cmd_gguf(a) -> int:
     if tok is None:
         print(f"note: {a.model_dir} has no tokenizer files; the GGUF will lack a vocabulary "
               "(llama.cpp needs one to run it)", file=sys.stderr)
-    name = a.name or os.path.basename(os.path.normpath(a.model_dir))
     profile, imatrix = a.plan, a.imatrix
     if a.target_bpw is not None:
         profile, imatrix = _solve_for_gguf(a, model, tok)
     report = export_gguf(model, a.output, quant=a.quant, imatrix=imatrix, tokenizer=tok, overrides=overrides or None,
                          name=name, mode="rtn" if a.rtn else "search", profile=profile)
+    return _print_gguf_report(a, report)
+
+
+def _has_safetensors(folder: str) -> bool:
+    return os.path.isdir(folder) and any(f.endswith(".safetensors") for f in os.listdir(folder))
+
+
+def _print_gguf_report(a, report) -> int:
     counts = ", ".join(f"{n} x {t}" for t, n in sorted(report.type_counts().items(), key=lambda kv: -kv[1]))
     print(f"wrote {a.output}: {a.quant.upper()}, {len(report.tensors)} tensors ({counts}), {report.n_params:,} weights, "
           f"{report.nbytes / 2**20:.2f} MiB, {report.bits_per_weight:.3f} bits/weight")

@@ -99,3 +99,82 @@ def tiny_transformer(seed: int = 0, **kwargs) -> TinyTransformerLM:
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()
+
+
+#: Llama-2-7B's shapes (its published config.json): the default of `write_synthetic_checkpoint`.
+LLAMA_7B_CONFIG = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
+
+
+def write_synthetic_checkpoint(folder: str, config: Optional[dict] = None, *, dtype: str = "bf16",
+                               shard_bytes: int = 2 * 2**30, seed: int = 0, std: float = 0.02,
+                               show_progress: Optional[bool] = None) -> int:
+    """Write a Hugging Face Llama checkpoint folder with random weights (N(0, std^2); norms 1):
+    ``config.json``, safetensors shards of at most `shard_bytes` and ``model.safetensors.index.json``
+    when there is more than one shard. Tensors are generated and written one at a time, so a
+    checkpoint of any size is written in the memory of its largest tensor. `config`: LlamaConfig
+    arguments (default :data:`LLAMA_7B_CONFIG`). Returns the bytes of tensor data written."""
+    import json
+    import os
+
+    import numpy as np
+    import transformers
+
+    from ._progress import progress
+
+    np_dtype, width = {"bf16": (np.uint16, 2), "f16": (np.float16, 2), "f32": (np.float32, 4)}[dtype]
+    st_dtype = {"bf16": "BF16", "f16": "F16", "f32": "F32"}[dtype]
+    cfg = transformers.LlamaConfig(**(LLAMA_7B_CONFIG if config is None else config))
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(cfg)
+    tensors = [(k, tuple(v.shape)) for k, v in skeleton.state_dict().items()
+               if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    shards, cur, size = [], [], 0
+    for name, shape in tensors:
+        n = math.prod(shape) * width
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    shards.append(cur)
+    os.makedirs(folder, exist_ok=True)
+    cfg.save_pretrained(folder)
+    files = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+             if len(shards) > 1 else ["model.safetensors"])
+    weight_map, total = {}, 0
+    bar = progress(list(range(len(tensors))), "synthetic checkpoint", show_progress, unit="tensor")
+    ticks = iter(bar)
+    for idx, (fname, shard) in enumerate(zip(files, shards)):
+        header, off = {}, 0
+        for name, shape in shard:
+            n = math.prod(shape) * width
+            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+            weight_map[name] = fname
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+        with open(os.path.join(folder, fname), "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for j, (name, shape) in enumerate(shard):
+                rng = np.random.default_rng([seed, idx, j])
+                if name.endswith("norm.weight"):
+                    a = np.ones(shape, np.float32)
+                else:
+                    a = rng.standard_normal(shape, dtype=np.float32)
+                    a *= std
+                if dtype == "bf16":  # round to nearest even into the top 16 bits
+                    u = a.view(np.uint32)
+                    u += 0x7FFF + ((u >> 16) & 1)
+                    out = (u >> 16).astype(np.uint16)
+                else:
+                    out = a.astype(np_dtype)
+                fh.write(out.tobytes())
+                total += out.nbytes
+                del a, out
+                next(ticks, None)
+    if len(files) > 1:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    return total

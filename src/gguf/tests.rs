@@ -126,6 +126,35 @@ fn stream_writer_equals_one_shot_writer_and_cleans_up() {
 }
 
 #[test]
+fn layout_places_tensors_where_the_stream_writer_does() {
+    use super::writer::{layout, StreamWriter, TensorSpec};
+    let a: Vec<u8> = (0..34u8).collect();
+    let b: Vec<u8> = (0..16u8).collect();
+    let specs = vec![
+        TensorSpec { name: "blk.0.attn_q.weight".into(), dims: vec![32, 1], ggml_type: 8 },
+        TensorSpec { name: "norm".into(), dims: vec![2, 2], ggml_type: 0 },
+    ];
+    let l = layout(&sample_metadata(), &specs).unwrap();
+    let mut w = StreamWriter::in_memory(&sample_metadata(), &specs).unwrap();
+    w.write_tensor("blk.0.attn_q.weight", &a).unwrap();
+    w.write_tensor("norm", &b).unwrap();
+    let want = w.into_bytes().unwrap();
+    // header, then each tensor at its offset, zeros elsewhere: the same bytes
+    let mut got = vec![0u8; l.file_len as usize];
+    got[..l.header.len()].copy_from_slice(&l.header);
+    for (data, off) in [(&a, l.data_offsets[0]), (&b, l.data_offsets[1])] {
+        let at = l.header.len() + off as usize;
+        got[at..at + data.len()].copy_from_slice(data);
+    }
+    assert_eq!(l.sizes, vec![34, 16]);
+    assert_eq!(got, want);
+    assert_eq!(got, sample_file());
+    // invalid specs are refused as by the writer
+    let dup = vec![specs[1].clone(), specs[1].clone()];
+    assert!(layout(&sample_metadata(), &dup).is_err());
+}
+
+#[test]
 fn every_truncation_is_a_corrupt_error() {
     let bytes = sample_file();
     let h = read_bytes(&bytes).unwrap();

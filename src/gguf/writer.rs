@@ -167,6 +167,34 @@ fn write_zeros<W: Write>(w: &mut W, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where everything of a GGUF file goes, decided before any tensor is encoded: the header
+/// bytes (up to the start of the data section), each tensor's byte offset within the data section
+/// and its size, and the length of the whole file. The file a [`StreamWriter`] writes is exactly
+/// `header`, then each tensor's bytes at `data_offsets[i]` (relative to the end of the header), the
+/// gaps zero-filled; so a writer may place tensors in any order and resume after an interruption.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub header: Vec<u8>,
+    pub data_offsets: Vec<u64>,
+    pub sizes: Vec<u64>,
+    pub file_len: u64,
+}
+
+/// The [`Layout`] of a file with `metadata` and `tensors` (validated as [`StreamWriter::create`] does).
+pub fn layout(metadata: &[(String, Value)], tensors: &[TensorSpec]) -> Result<Layout> {
+    let (alignment, sizes) = validate(metadata, tensors)?;
+    let mut header = Vec::new();
+    write_header(&mut header, metadata, tensors, &sizes, alignment).expect("writing to a Vec cannot fail");
+    let mut data_offsets = Vec::with_capacity(sizes.len());
+    let mut offset = 0u64;
+    for n in &sizes {
+        data_offsets.push(offset);
+        offset = align_up(offset + n, alignment).expect("sizes were validated");
+    }
+    let file_len = header.len() as u64 + offset;
+    Ok(Layout { header, data_offsets, sizes, file_len })
+}
+
 /// Counts bytes instead of writing them (to find where the data section starts).
 struct Counter(u64);
 impl Write for Counter {

@@ -203,6 +203,21 @@ fn gguf_write(
     detached(py, || writer::write_file(&path, &md, &td))
 }
 
+/// The layout of a GGUF file (see `gguf::writer::layout`): `(header bytes, data offsets, sizes,
+/// file length)` for the metadata and `[(name, gguf_dims, ggml_type_id)]`.
+#[pyfunction]
+fn gguf_layout<'py>(
+    py: Python<'py>,
+    metadata: Vec<(String, Vec<u32>, Bound<'py, PyAny>)>,
+    tensors: Vec<(String, Vec<u64>, u32)>,
+) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, Vec<u64>, Vec<u64>, u64)> {
+    let md = metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
+    let specs: Vec<writer::TensorSpec> =
+        tensors.into_iter().map(|(name, dims, ggml_type)| writer::TensorSpec { name, dims, ggml_type }).collect();
+    let l = writer::layout(&md, &specs).map_err(to_py)?;
+    Ok((pyo3::types::PyBytes::new(py, &l.header), l.data_offsets, l.sizes, l.file_len))
+}
+
 /// A GGUF file written tensor by tensor (see `gguf::writer::StreamWriter`): created with the
 /// metadata and `[(name, gguf_dims, ggml_type_id)]`, then `write_tensor` in that order, then
 /// `finish` (atomic rename). `abort`, or dropping it unfinished, deletes the temporary file.
@@ -280,6 +295,7 @@ impl GGUFStreamWriter {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GGUFStreamWriter>()?;
     m.add_function(wrap_pyfunction!(gguf_read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_layout, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_write, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_types, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_quantize, m)?)?;

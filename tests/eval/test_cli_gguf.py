@@ -63,3 +63,23 @@ def test_gguf_command_checks_arguments_before_loading(tmp_path, capsys):
     assert "Q4_K_Z" in capsys.readouterr().err
     assert cli.main(["gguf", str(d), "-o", str(tmp_path / "m.gguf"), "--override", "attn=Q9"]) == 2
     assert "Q9" in capsys.readouterr().err
+
+
+def test_checkpoint_export_writes_the_folder_tokenizer(hf_model_dir, tmp_path):
+    """The out-of-core export (what `diffulex-quant gguf` runs on a safetensors folder) writes the
+    same file as the in-memory export with the folder's tokenizer."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    from diffulex_edge.export import export_gguf, export_gguf_checkpoint
+    from diffulex_edge.gguf import GGUFFile
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_model_dir)
+    export_gguf(model, tmp_path / "a.gguf", "Q8_0", tokenizer=tok, name="n", show_progress=False)
+    export_gguf_checkpoint(hf_model_dir, tmp_path / "b.gguf", "Q8_0", name="n", show_progress=False)
+    digest = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("a.gguf", "b.gguf")]
+    assert digest[0] == digest[1]
+    assert "tokenizer.ggml.tokens" in GGUFFile.read(tmp_path / "b.gguf").metadata

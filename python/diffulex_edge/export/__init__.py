@@ -1,6 +1,9 @@
 """Exporters: GGUF for llama.cpp (:func:`export_gguf`, or :func:`plan_gguf` then :func:`write_gguf`
-to inspect or change the per-tensor types before anything is encoded)."""
+to inspect or change the per-tensor types before anything is encoded), and
+:func:`export_gguf_checkpoint` for checkpoint folders larger than memory (resumable, optionally on
+a Ray cluster)."""
 
+from .checkpoint import Checkpoint, TensorRef
 from .gguf_export import (
     ExportPlan,
     ExportReport,
@@ -12,6 +15,8 @@ from .gguf_export import (
     write_gguf,
 )
 from .gguf_mixes import MIXES
+from .stream import export_gguf_checkpoint, plan_gguf_checkpoint, write_gguf_resumable
 
-__all__ = ["ExportPlan", "ExportReport", "MIXES", "PlannedTensor", "TensorReport", "export_gguf", "load_gguf_weights",
-           "plan_gguf", "write_gguf"]
+__all__ = ["Checkpoint", "ExportPlan", "ExportReport", "MIXES", "PlannedTensor", "TensorReport", "TensorRef",
+           "export_gguf", "export_gguf_checkpoint", "load_gguf_weights", "plan_gguf", "plan_gguf_checkpoint",
+           "write_gguf", "write_gguf_resumable"]

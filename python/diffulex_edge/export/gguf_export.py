@@ -97,6 +97,11 @@ class ExportReport:
     path: str
     quant: str
     tensors: List[TensorReport] = field(default_factory=list)
+    #: out-of-core exports (export_gguf_checkpoint): wall time of the encoding, bytes of the
+    #: checkpoint's tensors, and tensors found already written by an interrupted run
+    seconds: Optional[float] = None
+    input_bytes: Optional[int] = None
+    resumed_tensors: int = 0
 
     @property
     def n_params(self) -> int:
@@ -352,10 +357,18 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
     cls = type(model).__name__
     if getattr(model, "config", None) is None:
         raise UnsupportedFormatError(f"export_gguf needs a Hugging Face model with a .config; got {cls}")
+    return _plan_state(model, _export_state(model, _stored_layers(model)), quant, imatrix=imatrix, tokenizer=tokenizer,
+                       overrides=overrides, name=name, profile=profile)
+
+
+def _plan_state(model, state: Mapping[str, Any], quant: str, *, imatrix, tokenizer, overrides, name,
+                profile) -> ExportPlan:
+    """`plan_gguf` for `model`'s config and module names with the tensors of `state` (the model's
+    own, or references into a checkpoint on disk: anything :func:`_float_data` reads)."""
+    cls = type(model).__name__
     found = detect(model)
     if found is None:
         raise UnsupportedFormatError(f"export_gguf supports {', '.join(ARCHITECTURES)}; got {cls}")
-    stored = _stored_layers(model)
     if isinstance(imatrix, (str, os.PathLike)):
         from ..gguf.imatrix import load_imatrix
 
@@ -368,7 +381,6 @@ def plan_gguf(model, quant: str = "Q4_K_M", *, imatrix: Union[None, str, os.Path
     n_head = cfg.num_attention_heads
     n_kv = _config_value(cfg, "num_key_value_heads", default=n_head)
 
-    state = _export_state(model, stored)
     tied = "lm_head.weight" not in state or bool(getattr(cfg, "tie_word_embeddings", False)) or (
         "lm_head.weight" in state and "model.embed_tokens.weight" in state
         and isinstance(state["lm_head.weight"], torch.Tensor)
@@ -447,7 +459,8 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
     report = ExportReport(os.fspath(path), plan.quant)
     log.info("export_gguf: %d tensors as %s -> %s", len(plan.tensors), plan.quant, report.path)
     with w.stream([(p.gguf_name, p.shape, p.ggml_type) for p in plan.tensors]) as out:
-        for hf_name, gname, shape, t, why, imp in progress(plan.tensors, f"GGUF {plan.quant}", show_progress, unit="tensor"):
+        for p in progress(plan.tensors, f"GGUF {plan.quant}", show_progress, unit="tensor"):
+            hf_name, gname, shape, t, why = p.hf_name, p.gguf_name, p.shape, p.ggml_type, p.reason
             src = None if hf_name is None else plan._state[hf_name]
             if isinstance(src, _Stored) and src.ggml_type == t:
                 q = src.raw()  # the layer's bytes: what was measured in PyTorch is what llama.cpp runs
@@ -456,30 +469,42 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
                 out.write_tensor(gname, np.ascontiguousarray(q))
                 report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
                 continue
-            if hf_name is None:
-                a = plan._rope_factors
-            elif isinstance(src, _Stored):  # a plan edited to another type: re-encode the layer's weight
-                a = src.layer.dequantize_weight().detach().to("cpu").numpy()
-            else:
-                a = src.detach().to("cpu").float().numpy()
-                if plan._permute and gname.endswith("attn_q.weight"):
-                    a = permute_qk(a, n_head, n_head)
-                elif plan._permute and gname.endswith("attn_k.weight"):
-                    a = permute_qk(a, n_head, n_kv)
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
-            try:
-                # the block types refuse NaN/Inf themselves; F32/F16/BF16 store what they are given,
-                # so a non-finite weight is checked here: the same error whatever type the mix chose
-                if GGML_TYPES[t].block_size == 1:
-                    check_finite(torch.from_numpy(a), gname, fix="replace NaN/Inf weights before exporting")
-                q = quantize(a, t, imatrix=imp, mode=qmode)
-            except QuantizationError as e:
-                raise type(e)(f"{hf_name or 'computed'} as {t}: {e}", layer=gname) from e
+            a = plan._rope_factors if hf_name is None else _float_data(src, gname, plan._permute, n_head, n_kv)
+            q = encode_tensor(a, p, mode)
             out.write_tensor(gname, q)
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+def _float_data(src, gname: str, permute: bool, n_head: int, n_kv: int) -> np.ndarray:
+    """The float32 weights of one planned tensor from its source (a torch tensor, a stored layer
+    re-encoded to another type, or a checkpoint :class:`~.checkpoint.TensorRef`), Q/K permuted
+    for llama.cpp where the architecture needs it."""
+    if isinstance(src, _Stored):  # a plan edited to another type: re-encode the layer's weight
+        return src.layer.dequantize_weight().detach().to("cpu").numpy()
+    a = src.load() if hasattr(src, "load") else src.detach().to("cpu").float().numpy()
+    if permute and gname.endswith("attn_q.weight"):
+        a = permute_qk(a, n_head, n_head)
+    elif permute and gname.endswith("attn_k.weight"):
+        a = permute_qk(a, n_head, n_kv)
+    return a
+
+
+def encode_tensor(a: np.ndarray, p: PlannedTensor, mode: str = "search") -> np.ndarray:
+    """The GGUF bytes of the float weights `a` of planned tensor `p` (its type and importances);
+    errors name the tensor."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    t = p.ggml_type
+    qmode = mode if (mode != "rtn" or GGML_TYPES[t].has_rtn) else "search"
+    try:
+        # the block types refuse NaN/Inf themselves; F32/F16/BF16 store what they are given,
+        # so a non-finite weight is checked here: the same error whatever type the mix chose
+        if GGML_TYPES[t].block_size == 1 and not np.isfinite(a).all():  # (a copy: `a` may be a read-only map)
+            check_finite(torch.from_numpy(np.array(a)), p.gguf_name, fix="replace NaN/Inf weights before exporting")
+        return quantize(a, t, imatrix=p.imatrix, mode=qmode)
+    except QuantizationError as e:
+        raise type(e)(f"{p.hf_name or 'computed'} as {t}: {e}", layer=p.gguf_name) from e
 
 
 class _Stored(NamedTuple):
