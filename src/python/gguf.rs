@@ -203,6 +203,9 @@ fn gguf_write(
     detached(py, || writer::write_file(&path, &md, &td))
 }
 
+/// `(header bytes, data offsets, sizes, file length)`
+type PyLayout<'py> = (Bound<'py, pyo3::types::PyBytes>, Vec<u64>, Vec<u64>, u64);
+
 /// The layout of a GGUF file (see `gguf::writer::layout`): `(header bytes, data offsets, sizes,
 /// file length)` for the metadata and `[(name, gguf_dims, ggml_type_id)]`.
 #[pyfunction]
@@ -210,7 +213,7 @@ fn gguf_layout<'py>(
     py: Python<'py>,
     metadata: Vec<(String, Vec<u32>, Bound<'py, PyAny>)>,
     tensors: Vec<(String, Vec<u64>, u32)>,
-) -> PyResult<(Bound<'py, pyo3::types::PyBytes>, Vec<u64>, Vec<u64>, u64)> {
+) -> PyResult<PyLayout<'py>> {
     let md = metadata.iter().map(|(k, t, v)| Ok((k.clone(), py_to_value(k, v, t)?))).collect::<PyResult<Vec<_>>>()?;
     let specs: Vec<writer::TensorSpec> =
         tensors.into_iter().map(|(name, dims, ggml_type)| writer::TensorSpec { name, dims, ggml_type }).collect();

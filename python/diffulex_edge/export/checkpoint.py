@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, CorruptFileError, UnsupportedFormatError
+from ..errors import CorruptFileError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
 
