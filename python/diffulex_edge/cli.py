@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     m.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     m.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after each block; rerun to resume")
+    m.add_argument("--offload", action="store_true",
+                   help="for models larger than memory: keep the decoder blocks on disk and load each only while it runs "
+                   "(block by block, checkpointed in --checkpoint-dir, default OUT.ckpt)")
 
     g = sub.add_parser("gguf", help="export to a GGUF file for llama.cpp / ollama / LM Studio",
                        description="Write MODEL_DIR (Llama, Mistral or Qwen2) as GGUF with one of llama.cpp's type mixes, "
@@ -207,7 +210,13 @@ def _cmd_eval(a) -> int:
     from .eval import perplexity
 
     _need_file(a.text, "text file")
-    model, tok = hf.load_model(a.model_dir)
+    if a.offload:
+        from .calib.offload import load_offloaded
+
+        model, tok = load_offloaded(a.model_dir)
+        a.checkpoint_dir = a.checkpoint_dir or a.output + ".ckpt"
+    else:
+        model, tok = hf.load_model(a.model_dir)
     ref = hf.load_model(a.reference)[0] if a.reference else None
     if tok is None:
         raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
@@ -279,7 +288,13 @@ def _cmd_imatrix(a) -> int:
     from .calib import CalibrationDataset, compute_imatrix
 
     _need_file(a.text, "text file")
-    model, tok = hf.load_model(a.model_dir)
+    if a.offload:
+        from .calib.offload import load_offloaded
+
+        model, tok = load_offloaded(a.model_dir)
+        a.checkpoint_dir = a.checkpoint_dir or a.output + ".ckpt"
+    else:
+        model, tok = hf.load_model(a.model_dir)
     if tok is None:
         raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
     calib = CalibrationDataset(a.text, tok, n_samples=a.samples, seq_len=a.seq_len, batch_size=a.batch_size)

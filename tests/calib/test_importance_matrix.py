@@ -307,3 +307,36 @@ def test_checkpoint_handles_keyword_hidden_states_tuples_and_block_attributes(tm
         np.testing.assert_array_equal(plain.entries[n].sum_sq, seq.entries[n].sum_sq, err_msg=n)
     with pytest.raises(ConfigError, match="between its blocks"):
         compute_imatrix(_KwargBlocks(between=True).eval(), data, checkpoint_dir=tmp_path / "b")
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_offloaded_blocks_give_the_same_imatrix(tmp_path, tie):
+    """A model whose decoder blocks stay on disk (load_offloaded) calibrates block by block with
+    each block loaded only while it runs; the result equals the in-memory model's exactly."""
+    transformers = pytest.importorskip("transformers")
+    from diffulex_edge.calib.offload import load_offloaded, offload_of
+    from diffulex_edge.testing import write_synthetic_checkpoint
+
+    d = tmp_path / "m"
+    write_synthetic_checkpoint(str(d), dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                            tie_word_embeddings=tie), dtype="bf16", shard_bytes=40_000, std=0.1)
+    full = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationDataset(ids, n_samples=None, batch_size=2, show_progress=False)
+    want = compute_imatrix(full, calib, checkpoint_dir=tmp_path / "a")
+    model, _ = load_offloaded(str(d))
+    blocks = model.model.layers
+    assert all(p.is_meta for p in blocks.parameters())
+    assert not any(p.is_meta for n, p in model.named_parameters() if not n.startswith("model.layers."))
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        compute_imatrix(model, calib)
+    loaded = []
+    real_load = offload_of(model).load
+    offload_of(model).load = lambda i: (loaded.append(i), real_load(i))[1]
+    got = compute_imatrix(model, calib, checkpoint_dir=tmp_path / "b")
+    assert loaded == [0, 0, 1, 2]  # block 0 for capturing the inputs, then each block once
+    assert all(p.is_meta for p in blocks.parameters())  # every block dropped again
+    assert set(got) == set(want) and "lm_head" in got
+    for n in want:
+        np.testing.assert_array_equal(got.entries[n].sum_sq, want.entries[n].sum_sq, err_msg=n)

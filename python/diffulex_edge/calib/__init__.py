@@ -16,6 +16,7 @@ from ..quant.calib_data import DEFAULT_SAMPLES, MAX_SAMPLES, MIN_SAMPLES, Calibr
 from ..quant.importance import ImportanceMatrix
 from ..quant.observers import activation_scales, clip_value
 from .imatrix import compute_imatrix
+from .offload import load_offloaded
 from .smoothquant import (
     SmoothedGroup,
     SmoothQuantConfig,
@@ -28,6 +29,7 @@ from .super_weights import SuperWeight, SuperWeights, find_super_weights, outlie
 
 __all__ = [
     "ActivationStats",
+    "load_offloaded",
     "CalibrationDataset",
     "CollectedStats",
     "DEFAULT_SAMPLES",

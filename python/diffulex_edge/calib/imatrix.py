@@ -51,6 +51,11 @@ def compute_imatrix(
             raise ConfigError(f"no module named {n!r} in the model", layer=n) from e
         if not isinstance(m, nn.Linear):
             raise ConfigError(f"expected an nn.Linear, got {type(m).__name__}", layer=n)
+    from .offload import offload_of
+
+    if checkpoint_dir is None and offload_of(model) is not None:
+        raise ConfigError("this model's decoder blocks are offloaded (load_offloaded): give a checkpoint_dir, so the "
+                          "blocks run one at a time, each loaded from the model folder when it is needed")
     if checkpoint_dir is not None:
         from .sequential import run_sequential
 

@@ -180,11 +180,16 @@ def run_sequential(
         stats.inputs = {n: ActivationStats.from_state(s) for n, s in st["stats"].items()}
         if st.get("done"):
             return stats
+    from .offload import offload_of
+
+    offload = offload_of(model)  # blocks loaded from a checkpoint folder one at a time (load_offloaded)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if next_block < len(blocks):
+                if offload is not None and next_block == 0:
+                    offload.load(0)
                 if os.path.exists(inputs_path):
                     saved = _load(inputs_path)
                     if saved.get("fingerprint") != fp:
@@ -207,11 +212,15 @@ def run_sequential(
                 it = tqdm(it, desc="calibrate: layers", unit="layer", disable=None if show_progress is None else False, leave=False)
             for i in it:
                 new_outputs = []
+                if offload is not None:
+                    offload.load(i)
                 with StatsHooks(model, per_block[i], stats):
                     for b, (args, kwargs) in enumerate(inputs):
                         if i > 0:
                             args, kwargs = _with_hidden(args, kwargs, _hidden(outputs[b]))
                         new_outputs.append(blocks[i](*args, **kwargs))
+                if offload is not None:
+                    offload.release(i)
                 outputs = new_outputs
                 _save(state_path, {"format": FORMAT, "fingerprint": fp, "next_block": i + 1, "outputs": outputs,
                                    "stats": {n: s.state() for n, s in stats.inputs.items()}})
