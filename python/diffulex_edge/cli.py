@@ -210,13 +210,7 @@ def _cmd_eval(a) -> int:
     from .eval import perplexity
 
     _need_file(a.text, "text file")
-    if a.offload:
-        from .calib.offload import load_offloaded
-
-        model, tok = load_offloaded(a.model_dir)
-        a.checkpoint_dir = a.checkpoint_dir or a.output + ".ckpt"
-    else:
-        model, tok = hf.load_model(a.model_dir)
+    model, tok = hf.load_model(a.model_dir)
     ref = hf.load_model(a.reference)[0] if a.reference else None
     if tok is None:
         raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
