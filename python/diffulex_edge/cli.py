@@ -180,6 +180,15 @@ def _cmd_quantize(a) -> int:
     merged = {**_QUANTIZE_DEFAULTS, **base, **given}
     merged["exclude_layers"] = list(base.get("exclude_layers") or []) + a.exclude
     cfg = QuantizationConfig.from_dict(merged)
+    _need_file(a.imatrix, "imatrix file")
+    if a.plan is None and cfg.mode != "static" and _has_safetensors(a.model_dir) and not hf.is_quantized_dir(a.model_dir):
+        # out of core: one tensor in memory at a time, resumable; the same files as below
+        from .quant import quantize_checkpoint
+
+        result = quantize_checkpoint(a.model_dir, a.output, cfg, imatrix=a.imatrix)
+        print(result.summary(max_layers=8))
+        print(f"wrote {a.output}")
+        return 0
     model, tok = hf.load_model(a.model_dir)
     calib = None
     if cfg.mode == "static":
@@ -188,7 +197,6 @@ def _cmd_quantize(a) -> int:
         from .eval.compare import _calibration_batches
 
         calib = _calibration_batches(a.calibration, tok, 256)
-    _need_file(a.imatrix, "imatrix file")
     if a.plan is not None:
         from .quant import apply_profile
         from .quant.profile import as_profile

@@ -20,6 +20,7 @@ from .calib_data import CalibrationDataset
 from .config import INT4_GROUP_SIZES, PACKED_FORMATS, QuantizationConfig, QuantizationDtype
 from .importance import ImportanceMatrix
 from .nn import QuantizedLinear
+from .out_of_core import quantize_checkpoint
 from .profile import PRESETS, DynamicQuantizationProfile, LayerQuantizationConfig, apply_profile
 from .quantizers import (
     QUANTIZERS,
@@ -69,6 +70,7 @@ __all__ = [
     "read_quantized_metadata",
     "model_size_bytes",
     "quantize_",
+    "quantize_checkpoint",
     "quantize_model_ptq",
     "save_quantized",
 ]

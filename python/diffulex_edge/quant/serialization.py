@@ -9,6 +9,7 @@ place, so a failed save never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -83,6 +84,24 @@ def _view_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+def safetensors_header(tensors: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]],
+                       metadata: Dict[str, str]) -> Tuple[bytes, List[str]]:
+    """(header bytes with the length prefix's payload, tensor order) of a safetensors file of
+    `tensors` (name -> (dtype, shape)) as :func:`save_quantized` lays it out: largest items first
+    (so every tensor's data is aligned to its item size, as safetensors does), then by name."""
+    order: List[str] = sorted(tensors, key=lambda n: (-tensors[n][0].itemsize, n))
+    header: Dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        dtype, shape = tensors[name]
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
+    return raw, order
+
+
 def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     """Stream `tensors` to `path` as a safetensors file, one tensor in memory at a time (on the
     CPU, contiguous). Written here rather than by ``safetensors.torch.save_model`` because that one
@@ -93,17 +112,7 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Di
     for name, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
             raise UnsupportedFormatError(f"tensor {name!r}: dtype {t.dtype} has no safetensors type; save to a .pt file")
-    # largest items first so that every tensor's data is aligned to its item size, as safetensors does
-    order: List[str] = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: Dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        end = offset + t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
+    raw, order = safetensors_header({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)

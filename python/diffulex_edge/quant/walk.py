@@ -65,9 +65,11 @@ class Plan:
     padded: set
 
 
-def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
+def plan_layers(model: nn.Module, cfg: QuantizationConfig, *, weights_later: bool = False) -> Plan:
     """Decide which layers to quantize and validate them all before anything is changed.
-    Raises a typed error naming the first bad layer."""
+    Raises a typed error naming the first bad layer. weights_later: the model is a skeleton on the
+    meta device whose weights are read later, one layer at a time (the checks of weight values
+    are then the caller's, per layer: :func:`check_weight_values`)."""
     if not isinstance(model, nn.Module):
         raise UnsupportedFormatError(f"expected a torch.nn.Module, got {type(model).__name__}")
     layers: List[Tuple[str, nn.Linear]] = []
@@ -105,7 +107,7 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
             skipped[name] = f"weight is tied to {', '.join(others)} (quantizing would add a copy; set skip_tied=False to force)"
             continue
         w = mod.weight
-        if w.device.type == "meta":
+        if w.device.type == "meta" and not weights_later:
             raise UnsupportedFormatError(
                 "weights are on the meta device and have no values; load the weights before quantizing",
                 layer=name,
@@ -123,14 +125,8 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
             if cfg.on_indivisible == "error" or cfg.dtype.is_packed:  # block formats cannot pad
                 raise err
             padded.add(name)
-        if cfg.dtype == QuantizationDtype.FP16:
-            wmax = float(w.detach().abs().max()) if w.numel() else 0.0
-            if wmax >= FP16_OVERFLOW and wmax != float("inf"):
-                raise NonFiniteWeightError(
-                    f"weight magnitude {wmax:.4g} exceeds the float16 range ({FP16_MAX}) and would become inf; use dtype='bf16' "
-                    "or exclude this layer",
-                    layer=name,
-                )
+        if not weights_later:
+            check_weight_values(w, cfg, name)
         layers.append((name, mod))
     for p in cfg.exclude_layers:
         if p not in used_patterns:
@@ -138,6 +134,18 @@ def plan_layers(model: nn.Module, cfg: QuantizationConfig) -> Plan:
     if not layers:
         warns.append("no Linear layers to quantize were found; the model is returned unchanged")
     return Plan(layers, skipped, warns, padded)
+
+
+def check_weight_values(w: torch.Tensor, cfg: QuantizationConfig, name: str) -> None:
+    """The checks of a layer's weight values that precede quantizing it (FP16: no overflow)."""
+    if cfg.dtype == QuantizationDtype.FP16:
+        wmax = float(w.detach().abs().max()) if w.numel() else 0.0
+        if wmax >= FP16_OVERFLOW and wmax != float("inf"):
+            raise NonFiniteWeightError(
+                f"weight magnitude {wmax:.4g} exceeds the float16 range ({FP16_MAX}) and would become inf; use dtype='bf16' "
+                "or exclude this layer",
+                layer=name,
+            )
 
 
 def layer_format(cfg: QuantizationConfig) -> str:
