@@ -25,6 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from .._progress import byte_progress
 from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, _gguf_dims, _type_id
 from ..gguf.resumable import ResumableGGUFWriter
@@ -137,7 +138,7 @@ def write_gguf_resumable(plan: ExportPlan, path: Union[str, os.PathLike], *, mod
     writer = ResumableGGUFWriter(path, w._native_metadata(), specs, resume=resume)
     in_bytes = [plan._state[p.hf_name].nbytes if p.hf_name is not None else 0 for p in plan.tensors]
     report = ExportReport(path, plan.quant)
-    bar = _bar(sum(in_bytes), f"GGUF {plan.quant}", show_progress)
+    bar = byte_progress(sum(in_bytes), f"GGUF {plan.quant}", show_progress)
     bar.update(sum(n for i, n in enumerate(in_bytes) if i in writer.done))
     t0, done_before = time.perf_counter(), len(writer.done)
     n_in = sum(n for i, n in enumerate(in_bytes) if i not in writer.done)
@@ -170,23 +171,6 @@ def write_gguf_resumable(plan: ExportPlan, path: Union[str, os.PathLike], *, mod
     log.info("export_gguf_checkpoint: %s, %.2f GB of input encoded in %.1f s (%.2f GB/s)%s", path, n_in / 1e9, seconds,
              n_in / 1e9 / max(seconds, 1e-9), f", resumed after {done_before} tensors" if done_before else "")
     return report
-
-
-def _bar(total: int, desc: str, show: Optional[bool]):
-    if show is False:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=None if show is None else False, leave=False)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 def _ray_results(plan: ExportPlan, todo, args, address, max_in_flight, max_retries):

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import __version__
 from .._io import atomic_write
-from .._progress import progress
+from .._progress import byte_progress
 from ..errors import ConfigError
 from .config import QuantizationConfig, QuantizationDtype
 from .nn import QuantizedLinear
@@ -192,18 +192,27 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
                 units.append((owner, owner))
         else:
             units.append((key, None))
+    def src_bytes(unit: str, layer: Optional[str]) -> int:
+        keys = [f"{layer}.weight", f"{layer}.bias"] if layer else [unit]
+        return sum(ckpt[k].nbytes for k in keys if k in ckpt)
+
+    sizes = [src_bytes(u, layer) for u, layer in units]
+    bar = byte_progress(sum(sizes), f"quantize {fmt}", show_progress)
     try:
-        for unit, layer in progress(units, f"quantize {fmt} (out of core)", show_progress, unit="tensor"):
+        for (unit, layer), nbytes in zip(units, sizes):
             if unit in staging.units:
+                bar.update(nbytes)
                 continue
             if layer is None:
                 first = tied_to.get(unit, [unit])[0]
                 if first != unit and first.rpartition(".")[0] not in planned:
+                    bar.update(nbytes)
                     continue  # tied to `first`, which is stored: an alias in the file
                 src = unit if unit in ckpt else next((n for n in tied_to.get(unit, []) if n in ckpt), None)
                 if src is None:
                     raise ConfigError(f"{model_dir}: the checkpoint has no tensor {unit!r}", layer=unit)
                 staging.add(unit, [(unit, _read(ckpt[src]).to(torch.float32))], {})
+                bar.update(nbytes)
                 continue
             lin = _load_linear(ckpt, layer, planned[layer])
             check_weight_values(lin.weight, cfg, layer)
@@ -218,9 +227,11 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
                               layer in plan.padded)
             staging.add(unit, [(f"{layer}.{k}", v) for k, v in q.state_dict().items()],
                         {"spec": q.spec(), "record": rec.to_dict()})
+            bar.update(nbytes)
             del lin, q, w
         result = _assemble(staging, model, out_dir, cfg, plan, tied_to, t0)
     except BaseException as e:
+        bar.close()
         from ..errors import QuantizationError
 
         if isinstance(e, QuantizationError):
@@ -230,6 +241,7 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
             log.warning("quantize_checkpoint interrupted: %d of %d units are in %s; rerun to resume",
                         len(staging.units), len(units), staging.data)
         raise
+    bar.close()
     staging.discard()
     for name in hf._COPY:
         src = os.path.join(model_dir, name)
