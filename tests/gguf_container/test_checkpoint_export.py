@@ -303,6 +303,16 @@ def test_ray_gives_the_same_bytes_and_retries_a_lost_task(ckpt, reference, tmp_p
         assert (fault / "blk.1.ffn_up.weight.crashed").exists()  # the worker did die once
         assert rep.input_bytes == Checkpoint(ckpt).nbytes
         # a task's own error reaches the caller as itself, and nothing is left behind
+        bad = tmp_path / "nan"
+        write_synthetic_checkpoint(str(bad), SMALL, dtype="f32", seed=2)
+        ref = Checkpoint(str(bad))["model.layers.0.mlp.down_proj.weight"]
+        with open(ref.file, "r+b") as fh:
+            fh.seek(ref.offset + 4 * 77)
+            fh.write(np.array([np.nan], np.float32).tobytes())
+        with pytest.raises(NonFiniteWeightError, match="down_proj|ffn_down"):
+            export_gguf_checkpoint(bad, tmp_path / "bad.gguf", "Q4_K_M", tokenizer=None, executor="ray",
+                                   show_progress=False)
+        assert not any(p.name.startswith("bad.gguf") for p in tmp_path.iterdir())
         with pytest.raises(ConfigError, match="executor"):
             export_gguf_checkpoint(ckpt, out, "Q4_K_M", executor="dask")
     finally:
@@ -318,3 +328,18 @@ def test_cli_gguf_streams_a_safetensors_folder(ckpt, reference, tmp_path, capsys
     assert "GB of weights" in capsys.readouterr().out
     assert cli.main(["gguf", ckpt, "-o", str(out), "--name", "m", "--no-resume"]) == 0
     assert sha(out) == sha(reference)
+
+
+def test_an_edited_plan_is_written_and_checked(ckpt, tmp_path):
+    from diffulex_edge.export import write_gguf_resumable
+
+    plan = plan_gguf_checkpoint(ckpt, "Q4_K_M", tokenizer=None)
+    i = next(k for k, p in enumerate(plan.tensors) if p.gguf_name == "blk.0.ffn_up.weight")
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q8_0", reason="mine")
+    rep = write_gguf_resumable(plan, tmp_path / "m.gguf", show_progress=False)
+    assert GGUFFile.read(tmp_path / "m.gguf").tensors["blk.0.ffn_up.weight"].ggml_type == "Q8_0"
+    assert rep.tensors[i].reason == "mine"
+    plan.tensors[i] = plan.tensors[i]._replace(ggml_type="Q9_9")
+    with pytest.raises(UnsupportedFormatError, match="blk.0.ffn_up.weight"):
+        write_gguf_resumable(plan, tmp_path / "n.gguf")
+    assert not (tmp_path / "n.gguf.partial").exists()

@@ -442,16 +442,7 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
     """Encode and write the tensors of `plan` (from :func:`plan_gguf`) to `path`, one at a time,
     into a temporary file renamed into place at the end. `mode` and `show_progress` as in
     :func:`export_gguf`."""
-    if not isinstance(plan, ExportPlan):
-        raise ConfigError(f"write_gguf takes the ExportPlan of plan_gguf, got {type(plan).__name__}")
-    for p in plan.tensors:  # a plan edited by hand: every type must exist and fit the shape
-        try:
-            block = type_info(p.ggml_type).block_size
-        except UnsupportedFormatError as e:
-            raise UnsupportedFormatError(f"{p.gguf_name}: {e}", layer=p.gguf_name) from None
-        if p.shape and p.shape[-1] % block:
-            raise ShapeError(f"{p.ggml_type} needs rows that are a multiple of {block}; "
-                             f"{p.gguf_name} has {p.shape[-1]}", layer=p.gguf_name)
+    check_plan(plan, "write_gguf")
     w = GGUFWriter(path)
     for k, v, t in plan.metadata:
         w.add(k, v, t)
@@ -475,6 +466,20 @@ def write_gguf(plan: ExportPlan, path: Union[str, os.PathLike], *, mode: str = "
             log.debug("export_gguf: %s %s %s %s", gname, list(shape), t, why)
             report.tensors.append(TensorReport(gname, shape, t, int(q.nbytes), why))
     return report
+
+
+def check_plan(plan: ExportPlan, who: str) -> None:
+    """A plan (possibly edited by hand) that can be written: every type exists and fits its shape."""
+    if not isinstance(plan, ExportPlan):
+        raise ConfigError(f"{who} takes the ExportPlan of plan_gguf, got {type(plan).__name__}")
+    for p in plan.tensors:
+        try:
+            block = type_info(p.ggml_type).block_size
+        except UnsupportedFormatError as e:
+            raise UnsupportedFormatError(f"{p.gguf_name}: {e}", layer=p.gguf_name) from None
+        if p.shape and p.shape[-1] % block:
+            raise ShapeError(f"{p.ggml_type} needs rows that are a multiple of {block}; "
+                             f"{p.gguf_name} has {p.shape[-1]}", layer=p.gguf_name)
 
 
 def _float_data(src, gname: str, permute: bool, n_head: int, n_kv: int) -> np.ndarray:

@@ -30,7 +30,16 @@ from ..errors import ConfigError, QuantizationError, UnsupportedFormatError
 from ..gguf.file import GGUFWriter, _gguf_dims, _type_id
 from ..gguf.resumable import ResumableGGUFWriter
 from .checkpoint import Checkpoint, TensorRef
-from .gguf_export import ExportPlan, ExportReport, PlannedTensor, TensorReport, _float_data, _plan_state, encode_tensor
+from .gguf_export import (
+    ExportPlan,
+    ExportReport,
+    PlannedTensor,
+    TensorReport,
+    _float_data,
+    _plan_state,
+    check_plan,
+    encode_tensor,
+)
 from .gguf_mixes import Overrides
 
 log = logging.getLogger(__name__)
@@ -125,6 +134,7 @@ def write_gguf_resumable(plan: ExportPlan, path: Union[str, os.PathLike], *, mod
     :func:`export_gguf_checkpoint`."""
     if executor not in ("local", "ray"):
         raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    check_plan(plan, "write_gguf_resumable")
     for p in plan.tensors:
         src = plan._state.get(p.hf_name) if p.hf_name is not None else None
         if p.hf_name is not None and not isinstance(src, TensorRef):
@@ -183,10 +193,10 @@ def _ray_results(plan: ExportPlan, todo, args, address, max_in_flight, max_retri
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    pending: deque = deque()
     try:
         task = ray.remote(_encode_task).options(max_retries=max_retries, retry_exceptions=[OSError], num_cpus=1)
         window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        pending: deque = deque()
         it = iter(todo)
         for i in it:
             p = plan.tensors[i]
@@ -206,6 +216,8 @@ def _ray_results(plan: ExportPlan, todo, args, address, max_in_flight, max_retri
                 pending.append((nxt, task.remote(p, plan._state.get(p.hf_name), *args)))
             yield i, q
     finally:
+        for _, ref in pending:  # stopped early (an error, an interrupt): drop the work still queued
+            ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
 
