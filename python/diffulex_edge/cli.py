@@ -124,6 +124,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="for models larger than memory: keep the decoder blocks on disk and load each only while it runs "
                    "(block by block, checkpointed in --checkpoint-dir, default OUT.ckpt)")
 
+    t = sub.add_parser("train", help="quantization-aware training, or fine-tuning a quantized model",
+                       description="Train MODEL_DIR on a text as a TrainingConfig says (QAT: quantization_mode qat; "
+                       "fine-tuning a quantized model: quantization_mode ptq + enable_quantized_finetuning) and write OUT: "
+                       "the quantized model (QAT converted; adapters merged) as `quantize` writes it, or the float model.",
+                       epilog="examples:\n  diffulex-quant train MODEL_DIR --text train.txt --scheme int4-g128 --steps 200 -o OUT\n"
+                       "  diffulex-quant train MODEL_DIR --text train.txt --config training.yaml -o OUT\n"
+                       "training.yaml: quantization_mode: qat / quantization_bits: 4 / max_steps: 200 / learning_rate: 1e-4 ...",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("model_dir", metavar="MODEL_DIR")
+    t.add_argument("--text", required=True, metavar="FILE", type=_text_arg, help="training text (UTF-8)" + _BUILTIN_HELP)
+    t.add_argument("--eval-text", metavar="FILE", type=_text_arg, help="held-out text: perplexity before and after")
+    t.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must differ from MODEL_DIR)")
+    t.add_argument("--config", metavar="YAML", help="a TrainingConfig YAML file (missing fields take their defaults)")
+    t.add_argument("--scheme", metavar="NAME", help="QAT to this scheme/format (sets quantization_mode qat)")
+    t.add_argument("--steps", type=int, help="training steps (max_steps)")
+    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save the trainer state here every 50 steps (and at the end); rerun to resume exactly")
+
     g = sub.add_parser("gguf", help="export to a GGUF file for llama.cpp / ollama / LM Studio",
                        description="Write MODEL_DIR (Llama, Mistral or Qwen2) as GGUF with one of llama.cpp's type mixes, "
                        "the tokenizer, and optionally an importance matrix; prints the type and bits per weight "
@@ -424,12 +443,69 @@ def _print_gguf_report(a, report) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    from . import hf
+    from .qat import Trainer, TrainingConfig
+
+    _need_file(a.text, "training text")
+    if a.config:
+        _need_file(a.config, "training config")
+    cfg = TrainingConfig.from_yaml(a.config).to_dict() if a.config else {}
+    if a.scheme:
+        cfg.update(quantization_mode="qat", quantization_scheme=a.scheme)
+    if a.steps is not None:
+        cfg["max_steps"] = a.steps
+    if a.lr is not None:
+        cfg["learning_rate"] = a.lr
+    if a.checkpoint_dir:
+        cfg.update(checkpoint_dir=a.checkpoint_dir, checkpoint_every=cfg.get("checkpoint_every") or 50)
+    cfg = TrainingConfig.from_dict(cfg)
+    if os.path.abspath(a.output) == os.path.abspath(a.model_dir):
+        raise ValueError("the output folder must differ from the model folder (the original would be overwritten)")
+    model, tok = hf.load_model(a.model_dir)
+    if tok is None:
+        raise ValueError(f"{a.model_dir} has no tokenizer files (tokenizer.json)")
+    trainer = Trainer(model, cfg, a.text, eval_data=a.eval_text, tokenizer=tok)
+    ckpt = os.path.join(a.checkpoint_dir, "trainer.pt") if a.checkpoint_dir else None
+    if ckpt and os.path.isfile(ckpt):
+        print(f"resuming from {ckpt} at step {trainer.resume(ckpt)}")
+    if a.eval_text and trainer.step == 0:
+        print(f"before: eval perplexity {trainer.evaluate()['perplexity']:.3f}")
+    trainer.fit()
+    if ckpt:
+        trainer.save_checkpoint(ckpt)
+    result = trainer.convert()
+    if a.eval_text:
+        print(f"after ({cfg.quantization_mode or 'float'}): eval perplexity {trainer.evaluate()['perplexity']:.3f}")
+    last = trainer.history[-1]["loss"] if trainer.history else float("nan")
+    print(f"trained {trainer.step} steps, last loss {last:.4f}")
+    if any(True for _ in _quantized(model)):
+        hf.save_quantized_pretrained(model, a.output, a.model_dir,
+                                     info={"training": cfg.to_dict(), **(result.to_dict() if result is not None else {})})
+    else:  # a float run: a Hugging Face folder, with the source's tokenizer files
+        import shutil
+
+        model.save_pretrained(a.output)
+        for name in hf._COPY:
+            src = os.path.join(a.model_dir, name)
+            if os.path.isfile(src) and not os.path.exists(os.path.join(a.output, name)):
+                shutil.copyfile(src, os.path.join(a.output, name))
+    print(f"wrote {a.output}")
+    return 0
+
+
+def _quantized(model):
+    from .quant.nn import QuantizedLinear
+
+    return (m for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import QuantizationError
 
     handlers = {"quantize": _cmd_quantize, "eval": _cmd_eval, "compare": _cmd_compare, "info": _cmd_info, "imatrix": _cmd_imatrix,
-                "gguf": _cmd_gguf}
+                "gguf": _cmd_gguf, "train": _cmd_train}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, QuantizationError, ValueError) as e:

@@ -110,3 +110,27 @@ def test_bundled_texts_by_name(hf_model_dir, tmp_path, capsys):
                      "-o", str(tmp_path / "s")]) == 0
     assert cli.main(["eval", str(hf_model_dir), "--text", "wikitext2-nope"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_command_qat_and_resume(hf_model_dir, tmp_path, wikitext_sample, capsys):
+    from diffulex_edge.hf import load_model
+    from diffulex_edge.quant.nn import QuantizedLinear
+
+    text = tmp_path / "t.txt"
+    text.write_text(wikitext_sample[:6000])
+    out, ck = tmp_path / "o", tmp_path / "ck"
+    args = ["train", str(hf_model_dir), "--text", str(text), "--eval-text", str(text), "--scheme", "int4-g32",
+            "--lr", "1e-3", "--checkpoint-dir", str(ck), "-o", str(out)]
+    assert cli.main(args + ["--steps", "3"]) == 0
+    o = capsys.readouterr().out
+    assert "before: eval perplexity" in o and "after (qat)" in o and "trained 3 steps" in o
+    model, _ = load_model(str(out))
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 7 + 1
+    assert cli.main(args + ["--steps", "5"]) == 0  # continues the saved run
+    assert "resuming from" in capsys.readouterr().out
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("quantization_mode: null\nmax_steps: 2\nbatch_size: 2\nseq_len: 16\n")
+    assert cli.main(["train", str(hf_model_dir), "--text", str(text), "--config", str(cfg), "-o", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "config.json").exists() and (tmp_path / "f" / "tokenizer.json").exists()
+    assert cli.main(["train", str(hf_model_dir), "--text", str(text), "--config", str(tmp_path / "no.yaml"),
+                     "-o", str(out)]) == 2
