@@ -280,43 +280,54 @@ def test_peak_memory_is_a_tensor_not_the_model(tmp_path):
     assert grew < 4 * largest_f32 + 8 * 2**20 < total, (grew, total)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    yield ray
-    if ray.is_initialized():
-        ray.shutdown()
+_RAY_CHILD = """
+import json, os, sys
+import numpy as np
+import ray
+from diffulex_edge.errors import NonFiniteWeightError
+from diffulex_edge.export import Checkpoint, export_gguf_checkpoint
+from diffulex_edge.export import stream
+from diffulex_edge.testing import write_synthetic_checkpoint
+ckpt, out, fault, bad, small = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+env = {stream.FAULT_ONCE_ENV: fault + ":blk.1.ffn_up.weight"}
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+rep = export_gguf_checkpoint(ckpt, out, "Q4_K_M", name="m", tokenizer=None, executor="ray", show_progress=False,
+                             max_in_flight=3)
+write_synthetic_checkpoint(bad, small, dtype="f32", seed=2)
+ref = Checkpoint(bad)["model.layers.0.mlp.down_proj.weight"]
+with open(ref.file, "r+b") as fh:
+    fh.seek(ref.offset + 4 * 77)
+    fh.write(np.array([np.nan], np.float32).tobytes())
+try:
+    export_gguf_checkpoint(bad, out + ".bad.gguf", "Q4_K_M", tokenizer=None, executor="ray", show_progress=False)
+    error = None
+except NonFiniteWeightError as e:
+    error = str(e)
+ray.shutdown()
+print(json.dumps({"input_bytes": rep.input_bytes, "error": error}))
+"""
 
 
-def test_ray_gives_the_same_bytes_and_retries_a_lost_task(ckpt, reference, tmp_path, ray_local):
+def test_ray_gives_the_same_bytes_and_retries_a_lost_task(ckpt, reference, tmp_path):
+    """On a local 2-CPU Ray instance (in a child process: Ray's threads stay out of the test
+    process), with the worker encoding one tensor killed once: the same file as the in-memory
+    export; a task's bad-data error reaches the caller as itself and leaves nothing behind."""
+    pytest.importorskip("ray")
     fault = tmp_path / "fault"
     fault.mkdir()
-    env = {stream_mod.FAULT_ONCE_ENV: f"{fault}:blk.1.ffn_up.weight"}
-    ray_local.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    try:
-        out = tmp_path / "m.gguf"
-        rep = export_gguf_checkpoint(ckpt, out, "Q4_K_M", name="m", tokenizer=None, executor="ray", show_progress=False,
-                                     max_in_flight=3)
-        assert sha(out) == sha(reference)
-        assert (fault / "blk.1.ffn_up.weight.crashed").exists()  # the worker did die once
-        assert rep.input_bytes == Checkpoint(ckpt).nbytes
-        # a task's own error reaches the caller as itself, and nothing is left behind
-        bad = tmp_path / "nan"
-        write_synthetic_checkpoint(str(bad), SMALL, dtype="f32", seed=2)
-        ref = Checkpoint(str(bad))["model.layers.0.mlp.down_proj.weight"]
-        with open(ref.file, "r+b") as fh:
-            fh.seek(ref.offset + 4 * 77)
-            fh.write(np.array([np.nan], np.float32).tobytes())
-        with pytest.raises(NonFiniteWeightError, match="down_proj|ffn_down"):
-            export_gguf_checkpoint(bad, tmp_path / "bad.gguf", "Q4_K_M", tokenizer=None, executor="ray",
-                                   show_progress=False)
-        assert not any(p.name.startswith("bad.gguf") for p in tmp_path.iterdir())
-        with pytest.raises(ConfigError, match="executor"):
-            export_gguf_checkpoint(ckpt, out, "Q4_K_M", executor="dask")
-    finally:
-        ray_local.shutdown()
+    out = tmp_path / "m.gguf"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", _RAY_CHILD, ckpt, str(out), str(fault), str(tmp_path / "nan"),
+                        json.dumps(SMALL)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sha(out) == sha(reference)
+    assert (fault / "blk.1.ffn_up.weight.crashed").exists()  # the worker did die once
+    assert res["input_bytes"] == Checkpoint(ckpt).nbytes
+    assert res["error"] and ("down_proj" in res["error"] or "ffn_down" in res["error"])
+    assert not any(p.name.startswith("m.gguf.bad") for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="executor"):
+        export_gguf_checkpoint(ckpt, out, "Q4_K_M", executor="dask")
 
 
 def test_cli_gguf_streams_a_safetensors_folder(ckpt, reference, tmp_path, capsys):
