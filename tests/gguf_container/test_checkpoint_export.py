@@ -309,9 +309,10 @@ print(json.dumps({"input_bytes": rep.input_bytes, "error": error}))
 
 
 def test_ray_gives_the_same_bytes_and_retries_a_lost_task(ckpt, reference, tmp_path):
-    """On a local 2-CPU Ray instance (in a child process: Ray's threads stay out of the test
-    process), with the worker encoding one tensor killed once: the same file as the in-memory
-    export; a task's bad-data error reaches the caller as itself and leaves nothing behind."""
+    """On a local 2-CPU Ray instance (in a child process, so Ray's threads and environment stay
+    out of the test process and the tests after it), with the worker encoding one tensor killed
+    once: the same file as the in-memory export; a task's bad-data error reaches the caller as
+    itself and leaves nothing behind."""
     pytest.importorskip("ray")
     fault = tmp_path / "fault"
     fault.mkdir()
