@@ -57,21 +57,11 @@ def _fill(module: nn.Module, checkpoint, prefix: str, dtype: torch.dtype) -> Non
             if tuple(ref.shape) != tuple(t.shape):
                 raise ConfigError(f"{checkpoint.path}: {prefix + key} is {list(ref.shape)}, the config makes it "
                                   f"{list(t.shape)}", layer=prefix + key)
-            t.copy_(_read(ref).to(dtype if t.is_floating_point() else t.dtype))
+            t.copy_(ref.load_torch().to(dtype if t.is_floating_point() else t.dtype))
     for name, b in module.named_buffers():
         if name not in persistent and b.is_meta:
             raise ConfigError(f"{prefix}{name} is a computed buffer that a checkpoint does not hold; this architecture "
                               "cannot run with offloaded blocks", layer=prefix + name)
-
-
-def _read(ref) -> torch.Tensor:
-    """A checkpoint tensor as a torch tensor that is only read from (an F32 one is the read-only
-    map of the file; torch's warning about non-writable arrays does not apply)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(ref.load())
 
 
 def load_offloaded(model_dir: str, dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, Optional[object]]:
@@ -121,7 +111,7 @@ def load_offloaded(model_dir: str, dtype: torch.dtype = torch.float32) -> Tuple[
             if ref is None:
                 raise ConfigError(f"{model_dir}: the checkpoint has no tensor {name}.{key!r}", layer=f"{name}.{key}")
             with torch.no_grad():
-                t.copy_(_read(ref).to(dtype))
+                t.copy_(ref.load_torch().to(dtype))
     if tied:
         model.tie_weights()
     setattr(model, ATTR, OffloadedBlocks(ckpt, blocks_name, blocks, dtype))

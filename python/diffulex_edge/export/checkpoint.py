@@ -72,6 +72,22 @@ class TensorRef:
         del m
         return out
 
+    def load_torch(self):
+        """:meth:`load` as a float32 torch tensor (sharing the memory; read it, do not write it)."""
+        return _torch_view(self.load())
+
+
+def _torch_view(a: np.ndarray):
+    """`a` as a torch tensor that is only read from (an F32 tensor is the read-only map of its
+    file; torch's warning about non-writable arrays does not apply)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
 
 def read_safetensors_header(path: str) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
     """({name: TensorRef}, __metadata__) of one .safetensors file, every entry checked against the

@@ -211,7 +211,7 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
                 src = unit if unit in ckpt else next((n for n in tied_to.get(unit, []) if n in ckpt), None)
                 if src is None:
                     raise ConfigError(f"{model_dir}: the checkpoint has no tensor {unit!r}", layer=unit)
-                staging.add(unit, [(unit, _read(ckpt[src]).to(torch.float32))], {})
+                staging.add(unit, [(unit, ckpt[src].load_torch().to(torch.float32))], {})
                 bar.update(nbytes)
                 continue
             lin = _load_linear(ckpt, layer, planned[layer])
@@ -258,14 +258,6 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
     return result
 
 
-def _read(ref) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():  # an F32 tensor is a read-only map of the file; it is only read
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(ref.load())
-
-
 def _load_linear(ckpt, name: str, meta: nn.Linear) -> nn.Linear:
     """The nn.Linear `name` with its weights from the checkpoint, in float32 (as load_model gives)."""
     lin = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
@@ -280,7 +272,7 @@ def _load_linear(ckpt, name: str, meta: nn.Linear) -> nn.Linear:
             if tuple(ref.shape) != tuple(getattr(lin, k).shape):
                 raise ConfigError(f"{ckpt.path}: {name}.{k} is {list(ref.shape)}, the config makes it "
                                   f"{list(getattr(lin, k).shape)}", layer=name)
-            getattr(lin, k).copy_(_read(ref))
+            getattr(lin, k).copy_(ref.load_torch())
     return lin
 
 
