@@ -15,9 +15,10 @@ format, straight-through gradients), :func:`add_lora` / :func:`merge_lora` and
 from .compare import QATComparison, compare_qat_ptq
 from .fake_quant import QATLinear, fake_quantize_weight
 from .finetune import LoRAQuantizedLinear, ScaleTunedLinear, add_lora, merge_lora, merge_scales, train_scales
+from .peft_support import register_peft
 from .prepare import convert, prepare_qat, qat_layers, set_qat_enabled, unwrap_qat
 from .trainer import Trainer, TrainingConfig
 
 __all__ = ["LoRAQuantizedLinear", "QATComparison", "QATLinear", "ScaleTunedLinear", "Trainer", "TrainingConfig",
            "add_lora", "compare_qat_ptq", "convert", "fake_quantize_weight", "merge_lora", "merge_scales",
-           "prepare_qat", "qat_layers", "set_qat_enabled", "train_scales", "unwrap_qat"]
+           "prepare_qat", "qat_layers", "register_peft", "set_qat_enabled", "train_scales", "unwrap_qat"]
