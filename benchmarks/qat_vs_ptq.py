@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-tokens", type=int, default=40000)
     ap.add_argument("--no-control", action="store_true", help="skip the float fine-tuning control")
+    ap.add_argument("--learn-scales", action="store_true", help="INT8/INT4 QAT also learns the scales (LSQ)")
     a = ap.parse_args()
     import torch
 
@@ -72,7 +73,8 @@ def main() -> int:
     print(f"model {a.model}; train {train}; eval {test} (first {a.eval_tokens} tokens)")
     for scheme in a.schemes.split(","):
         t = time.perf_counter()
-        cfg = TrainingConfig(learning_rate=a.lr, batch_size=a.batch, seq_len=a.seq_len)
+        cfg = TrainingConfig(learning_rate=a.lr, batch_size=a.batch, seq_len=a.seq_len,
+                             learn_scales=a.learn_scales and scheme.startswith(("int8", "int4")))
         r = compare_qat_ptq(model, scheme, train, test, tok, steps=a.steps, config=cfg, max_eval_tokens=a.eval_tokens,
                             control=not a.no_control, show_progress=False)
         print(f"\n## {scheme}: {a.steps} steps, lr {a.lr}, batch {a.batch} x {a.seq_len} ({time.perf_counter() - t:.0f} s)")

@@ -250,3 +250,45 @@ def test_compare_qat_ptq_reports_the_gap():
     assert set(r.ppl) == {"fp32", "ptq", "qat", "finetuned_fp32", "finetuned_ptq"}
     assert r.ppl["ptq"] > r.ppl["fp32"] and np.isfinite(r.gap_recovered)
     assert "QAT recovers" in r.table() and "QATComparison(" in repr(r)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int4-g64-sym"])
+def test_learned_scales_start_at_ptq_train_and_are_stored(scheme):
+    m = model_256()
+    ref = copy.deepcopy(m)
+    prepare_qat(m, scheme, learn_scales=True)
+    cfg = QuantizationConfig.from_scheme(scheme)
+    layer = qat_layers(m)[0]
+    ptq = QuantizedLinear.from_linear(ref.layers[0].attn.q if hasattr(ref.layers[0], "attn") else
+                                      next(x for x in ref.modules() if isinstance(x, nn.Linear)),
+                                      cfg.dtype, group_size=cfg.group_size, symmetric=cfg.resolved_symmetric)
+    start = layer.quantized_weight().detach()
+    # it starts on PTQ's grid (PTQ's scales and zero points) with round-to-nearest codes ...
+    w, mine = layer.weight.detach(), layer.scale.detach()
+    # PTQ's scales, through exp(log s): a few float32 ulps (2^-23 relative each)
+    torch.testing.assert_close(mine, ptq.scales, rtol=4 * 2**-23, atol=0)
+    if cfg.dtype.value == "int8":
+        s, z, lo, hi = mine[:, None], ptq.zero_points.float()[:, None], -128, 127
+    else:
+        s = mine.repeat_interleave(cfg.group_size, 1)
+        z, lo, hi = ptq.zeros.float().repeat_interleave(cfg.group_size, 1), 0, 15
+    assert torch.equal(start, (torch.clamp(torch.round(w / s) + z, lo, hi) - z) * s)
+    # ... so it differs from PTQ's own weights by at most one step (PTQ may refit a scale after rounding)
+    assert bool(((start - ptq.dequantize_weight()).abs() <= s * 1.0001).all())
+    scales0 = [q.scale.detach().clone() for q in qat_layers(m)]
+    t = Trainer(m, TrainingConfig(quantization_mode="qat", quantization_scheme=scheme, learn_scales=True, max_steps=5,
+                                  batch_size=4, seq_len=16, learning_rate=1e-3), data(), show_progress=False)
+    t.fit()
+    assert any(not torch.equal(q.scale.detach(), s) for q, s in zip(qat_layers(m), scales0))  # the scales trained
+    ids = data()[:32].reshape(2, 16)
+    with torch.no_grad():
+        want = m.eval()(ids)
+    learned = [q.scale.detach().clone() for q in qat_layers(m)]
+    res = t.convert()
+    qs = [x for x in m.modules() if isinstance(x, QuantizedLinear)]
+    assert res.num_quantized_layers == len(qs) == 8
+    assert all(torch.equal(q.scales, s) for q, s in zip(qs, learned))  # the learned scales are what is stored
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), want, rtol=1e-4, atol=1e-4)  # the model computes what QAT trained
+    with pytest.raises(ConfigError, match="int8 / int4"):
+        prepare_qat(model_256(), "q4_0", learn_scales=True)

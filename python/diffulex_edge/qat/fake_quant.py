@@ -56,6 +56,14 @@ class _ActRoundTrip(torch.autograd.Function):
         return grad
 
 
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+#: integer code range of the formats whose step sizes can be learned
+_CODE_RANGE = {"int8": (-128, 127), "int4": (0, 15)}
+
+
 def fake_quantize_weight(w: torch.Tensor, config: QuantizationConfig, importance: Optional[Any] = None) -> torch.Tensor:
     """`w` as the layer format of `config` stores it (values of the PTQ quantizer), with a
     straight-through gradient."""
@@ -69,7 +77,7 @@ class QATLinear(nn.Module):
     same tensors: an optimizer built before :func:`prepare_qat` keeps working)."""
 
     def __init__(self, linear: nn.Linear, config: QuantizationConfig, *, name: str = "",
-                 importance: Optional[Any] = None, noise: float = 1.0) -> None:
+                 importance: Optional[Any] = None, noise: float = 1.0, learn_scales: bool = False) -> None:
         super().__init__()
         if config.mode == "static":
             raise ConfigError("QAT with static activation scales is not simulated: train with mode='dynamic' (the same "
@@ -86,10 +94,82 @@ class QATLinear(nn.Module):
         self.noise = float(noise)
         self.enabled = True
         self._fmt = LAYER_FORMATS[config.dtype](config.dtype, config.group_size, config.resolved_symmetric)
+        self.learn_scales = bool(learn_scales)
+        if self.learn_scales:
+            self._init_learned_scales()
+
+    # ---- learned step sizes (as LSQ, Esser et al. 2020: the rounding straight through, the step
+    # size trained by its gradient; here through its logarithm, which suits Adam) -----------------
+    def _init_learned_scales(self) -> None:
+        """INT8 (per channel) / INT4 (per group): the scales become parameters, initialised with
+        PTQ's; the zero points stay PTQ's. The forward pass then rounds with the learned scales
+        (straight-through rounding, LSQ's scaled step-size gradient), and `convert` stores them."""
+        kind = self.config.dtype.value
+        if kind not in _CODE_RANGE:
+            raise ConfigError(f"learned scales are for int8 / int4 layers; {kind} keeps its PTQ quantizer "
+                              "(its scales live inside packed blocks)", layer=self.name)
+        if kind == "int4" and self.in_features % self.config.group_size:
+            raise ConfigError(f"in_features {self.in_features} is not whole groups of {self.config.group_size}",
+                              layer=self.name)
+        with torch.no_grad():
+            b = self._fmt.quantize(self.weight.detach().to("cpu", torch.float32).contiguous(), kernel="auto", name=None,
+                                   importance=self.importance)
+        zero = b["zero_points"] if kind == "int8" else b["zeros"]
+        dev = self.weight.device
+        # the logarithm trains: the step stays positive, and an optimizer step of size lr (Adam's,
+        # whatever the gradient's scale) changes it by a factor ~exp(lr), not by lr itself
+        scales = b["scales"].to(dev, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+        self.log_scale = nn.Parameter(scales.log())
+        self.register_buffer("zero", zero.to(dev, torch.float32).clone())
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def _learned(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(codes, dequantized weight) with the learned scales; codes float in the format's range."""
+        lo, hi = _CODE_RANGE[self.config.dtype.value]
+        if self.config.dtype.value == "int8":
+            s, z, wg = scale[:, None], self.zero[:, None], w
+        else:
+            g = self.config.group_size
+            wg = w.reshape(self.out_features, self.in_features // g, g)
+            s, z = scale[..., None], self.zero[..., None]
+        q = torch.clamp(_round_ste(wg / s) + z, lo, hi)
+        return q, ((q - z) * s).reshape(self.out_features, self.in_features)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as it would be stored now (fake-quantized, straight-through gradient)."""
+        if self.learn_scales:
+            return self._learned(self.weight.to(torch.float32), self.scale)[1].to(self.weight.dtype)
         return _WeightRoundTrip.apply(self.weight, self._fmt, self.importance)
+
+    def to_quantized(self):
+        """The QuantizedLinear of the trained weight with the learned scales (learn_scales only)."""
+        from ..quant.nn import QuantizedLinear
+
+        if not self.learn_scales:
+            raise ConfigError("to_quantized is for learned scales; other layers convert through PTQ", layer=self.name)
+        c = self.config
+        q = QuantizedLinear(self.in_features, self.out_features, self.bias is not None, dtype=c.dtype,
+                            group_size=c.group_size, symmetric=c.resolved_symmetric, act_mode=c.mode, kernel=c.kernel,
+                            device="cpu")
+        with torch.no_grad():
+            codes, _ = self._learned(self.weight.detach().to("cpu", torch.float32), self.scale.detach().cpu())
+            if c.dtype.value == "int8":
+                q.qweight.copy_(codes.to(torch.int8))
+                q.scales.copy_(self.scale.detach().cpu())
+                q.zero_points.copy_(self.zero.cpu().to(torch.int8))
+            else:
+                u = codes.reshape(self.out_features, self.in_features).to(torch.uint8)
+                if self.in_features % 2:
+                    u = torch.nn.functional.pad(u, (0, 1))
+                q.qweight.copy_(u[:, 0::2] | (u[:, 1::2] << 4))
+                q.scales.copy_(self.scale.detach().cpu())
+                q.zeros.copy_(self.zero.cpu().to(torch.uint8))
+            if self.bias is not None:
+                q.bias.copy_(self.bias.detach().cpu().to(q.bias.dtype))
+        return q.to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -112,7 +192,8 @@ class QATLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.config.dtype}, "
-                f"mode={self.config.mode}, enabled={self.enabled}" + (f", noise={self.noise}" if self.noise < 1 else ""))
+                f"mode={self.config.mode}, enabled={self.enabled}" + (f", noise={self.noise}" if self.noise < 1 else "")
+                + (", learned scales" if self.learn_scales else ""))
 
 
 __all__ = ["QATLinear", "fake_quantize_weight"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Optional, Union
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -30,11 +31,13 @@ def _as_config(config: Union[QuantizationConfig, str, dict]) -> QuantizationConf
 
 
 def prepare_qat(model: nn.Module, config: Union[QuantizationConfig, str, dict], *, imatrix: Any = None,
-                noise: float = 1.0) -> nn.Module:
+                noise: float = 1.0, learn_scales: bool = False) -> nn.Module:
     """Make `model` (in place) train with its Linear layers fake-quantized as `config` quantizes
     them (the same layers ``quantize_`` would pick: exclusions, tied weights and indivisible
     shapes as there). imatrix: importances the quantizer uses (as in PTQ). noise: fraction of each
-    weight's rows quantized per training step (Quant-Noise; 1 = all). Returns `model`."""
+    weight's rows quantized per training step (Quant-Noise; 1 = all). learn_scales: INT8/INT4 only:
+    the scales train too (LSQ, initialised with PTQ's), and :func:`convert` stores the learned ones.
+    Returns `model`."""
     cfg = _as_config(config)
     if qat_layers(model):
         raise ConfigError("the model is already prepared for QAT (it has QATLinear layers)")
@@ -47,7 +50,7 @@ def prepare_qat(model: nn.Module, config: Union[QuantizationConfig, str, dict], 
             raise ConfigError(f"{name}: in_features {lin.in_features} is not whole groups of {cfg.group_size}; "
                               "QAT simulates whole groups only: exclude the layer or pick a group size", layer=name)
         q = QATLinear(lin, cfg, name=name, importance=imp[name] if (imp is not None and name in imp) else None,
-                      noise=noise)
+                      noise=noise, learn_scales=learn_scales)
         if name:
             _set_module(model, name, q)
         else:
@@ -91,12 +94,38 @@ def convert(model: nn.Module, *, imatrix: Any = None, show_progress: Optional[bo
     if cfg is None:
         raise ConfigError("the model was not prepared with prepare_qat (no QATLinear layers)")
     layers = qat_layers(model)
+    if any(m.learn_scales for m in layers):
+        return _convert_learned(model, cfg, layers)
     if imatrix is None:
         imp = {m.name: m.importance for m in layers if m.importance is not None}
         imatrix = imp or None
     unwrap_qat(model)
     model.eval()
     return quantize_(model, cfg, imatrix=imatrix, show_progress=show_progress)
+
+
+def _convert_learned(model: nn.Module, cfg: QuantizationConfig, layers: List[QATLinear]) -> QuantizationResult:
+    """Layers with learned scales become QuantizedLinear layers holding those scales."""
+    import time
+
+    from ..quant.result import LayerRecord
+    from ..quant.walk import layer_format, model_size_bytes
+
+    t0 = time.perf_counter()
+    before = model_size_bytes(model)
+    records = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QATLinear):
+            q = m.to_quantized()
+            w = m.weight.detach().to(torch.float32)
+            err = float((q.dequantize_weight().to(w.device) - w).norm() / w.norm().clamp_min(1e-30))
+            records.append(LayerRecord(name, m.in_features, m.out_features, str(m.weight.dtype).replace("torch.", ""),
+                                       layer_format(cfg), m.weight.numel() * m.weight.element_size(), q.storage_bytes(),
+                                       err, False))
+            _set_module(model, name, q)
+    del model._diffulex_qat_config
+    model.eval()
+    return QuantizationResult(model, cfg, before, model_size_bytes(model), time.perf_counter() - t0, records, {}, [])
 
 
 __all__ = ["convert", "prepare_qat", "qat_layers", "set_qat_enabled", "unwrap_qat"]

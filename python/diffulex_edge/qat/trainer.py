@@ -48,7 +48,8 @@ class TrainingConfig:
     gradual_quantization_steps: QAT switches layers to fake quantization one by one over this many
         steps (0: all from the start). quantization_noise: fraction of each weight's rows quantized per
         step (Quant-Noise; 1 or 0 = all rows). distillation_weight: weight of the KL divergence to the
-        float model's next-token distribution (a QAT loss; 0 = plain cross-entropy).
+        float model's next-token distribution (a QAT loss; 0 = plain cross-entropy). learn_scales:
+        QAT of INT8/INT4 also learns the scales (LSQ), which `convert` stores.
     """
 
     quantization_mode: Optional[str] = None
@@ -63,6 +64,7 @@ class TrainingConfig:
     gradual_quantization_steps: int = 0
     quantization_noise: float = 0.0
     distillation_weight: float = 0.0
+    learn_scales: bool = False
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -185,7 +187,8 @@ class Trainer:
         if c.quantization_mode == "qat":
             if not qat_layers(self.model):
                 noise = c.quantization_noise if c.quantization_noise > 0 else 1.0
-                prepare_qat(self.model, c.quantization_config(), imatrix=imatrix, noise=noise)
+                prepare_qat(self.model, c.quantization_config(), imatrix=imatrix, noise=noise,
+                            learn_scales=c.learn_scales)
             if c.gradual_quantization_steps > 0:
                 set_qat_enabled(self.model, 0.0)
         elif c.quantization_mode == "ptq":
