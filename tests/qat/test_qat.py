@@ -292,3 +292,11 @@ def test_learned_scales_start_at_ptq_train_and_are_stored(scheme):
         torch.testing.assert_close(m(ids), want, rtol=1e-4, atol=1e-4)  # the model computes what QAT trained
     with pytest.raises(ConfigError, match="int8 / int4"):
         prepare_qat(model_256(), "q4_0", learn_scales=True)
+
+
+def test_compare_without_the_control():
+    from diffulex_edge.qat import QATComparison
+
+    r = QATComparison("int8", 3, {"fp32": 10.0, "ptq": 12.0, "qat": 11.0})
+    assert r.gap_recovered == pytest.approx(0.5) and np.isnan(r.gap_recovered_vs_control)
+    assert "50.0% of PTQ's gap" in r.table() and "control" not in r.table().split("\n")[-1]

@@ -29,7 +29,10 @@ class QATComparison:
 
     @property
     def gap_recovered_vs_control(self) -> float:
-        """The same against the float fine-tuned control: (control PTQ - QAT) / (control PTQ - control)."""
+        """The same against the float fine-tuned control: (control PTQ - QAT) / (control PTQ - control);
+        NaN without the control run."""
+        if "finetuned_ptq" not in self.ppl:
+            return float("nan")
         gap = self.ppl["finetuned_ptq"] - self.ppl["finetuned_fp32"]
         return float("nan") if gap <= 0 else (self.ppl["finetuned_ptq"] - self.ppl["qat"]) / gap
 
@@ -38,8 +41,9 @@ class QATComparison:
                 (f"float fine-tuned {self.steps} steps (control)", "finetuned_fp32"),
                 (f"control + PTQ {self.scheme}", "finetuned_ptq")]
         out = ["| model | perplexity |", "|---|---|"] + [f"| {n} | {self.ppl[k]:.3f} |" for n, k in rows if k in self.ppl]
-        out.append(f"\nQAT recovers {100 * self.gap_recovered:.1f}% of PTQ's gap to FP32 "
-                   f"({100 * self.gap_recovered_vs_control:.1f}% of the control's gap)")
+        control = (f" ({100 * self.gap_recovered_vs_control:.1f}% of the control's gap)" if "finetuned_ptq" in self.ppl
+                   else "")
+        out.append(f"\nQAT recovers {100 * self.gap_recovered:.1f}% of PTQ's gap to FP32{control}")
         return "\n".join(out)
 
     def __repr__(self) -> str:

@@ -195,6 +195,7 @@ class Trainer:
             if not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
                 quantize_(self.model, c.quantization_config(), imatrix=imatrix, show_progress=False)
             if c.enable_quantized_finetuning:
+                torch.manual_seed(c.seed)  # the adapters' initialisation is part of the run
                 if c.finetune_method == "lora":
                     add_lora(self.model, c.lora_rank, c.lora_alpha)
                 else:
