@@ -62,14 +62,22 @@ class LoRAQuantizedLinear(nn.Module):
         b = self.base
         if not bool(self.lora_B.detach().any()) or not bool(self.lora_A.detach().any()):
             return b  # a zero update: the layer as it was (a re-quantization would only add error)
-        lin = b.to_linear()
-        with torch.no_grad():
-            lin.weight += (self.lora_B @ self.lora_A).to(lin.weight) * self.scaling
-        return QuantizedLinear.from_linear(lin, b.qdtype, group_size=b.group_size, symmetric=b.symmetric,
-                                           act_mode=b.act_mode, kernel=b.kernel)
+        return requantized_with(b, (self.lora_B @ self.lora_A) * self.scaling)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def requantized_with(base: QuantizedLinear, delta: torch.Tensor) -> QuantizedLinear:
+    """A new layer in `base`'s format (dtype, group size, symmetry, activation mode) holding
+    ``base``'s dequantized weight plus `delta`, quantized again."""
+    lin = base.to_linear()
+    with torch.no_grad():
+        lin.weight += delta.detach().to(lin.weight)
+    if not bool(torch.isfinite(lin.weight).all()):
+        raise ConfigError("NaN/Inf in the merged weight: the update is broken")
+    return QuantizedLinear.from_linear(lin, base.qdtype, group_size=base.group_size, symmetric=base.symmetric,
+                                       act_mode=base.act_mode, kernel=base.kernel)
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -88,15 +96,18 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     return names
 
 
+def _merge_all(model: nn.Module, kind: type) -> int:
+    """Replace every `kind` wrapper by its ``merged()`` layer (in place); returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    for name, m in found:
+        _set_module(model, name, m.merged())
+    return len(found)
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its layer (re-quantized in the layer's format); in place. Returns
     the number merged."""
-    k = 0
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRAQuantizedLinear):
-            _set_module(model, name, m.merged())
-            k += 1
-    return k
+    return _merge_all(model, LoRAQuantizedLinear)
 
 
 class ScaleTunedLinear(nn.Module):
@@ -144,12 +155,8 @@ def train_scales(model: nn.Module) -> List[str]:
 
 def merge_scales(model: nn.Module) -> int:
     """Write the trained scales back into the QuantizedLinear layers (in place)."""
-    k = 0
-    for name, m in list(model.named_modules()):
-        if isinstance(m, ScaleTunedLinear):
-            _set_module(model, name, m.merged())
-            k += 1
-    return k
+    return _merge_all(model, ScaleTunedLinear)
 
 
-__all__ = ["LoRAQuantizedLinear", "ScaleTunedLinear", "add_lora", "merge_lora", "merge_scales", "train_scales"]
+__all__ = ["LoRAQuantizedLinear", "ScaleTunedLinear", "add_lora", "merge_lora", "merge_scales", "requantized_with",
+           "train_scales"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedFormatError
 from ..quant.nn import QuantizedLinear
+from .finetune import requantized_with
 
 
 def _peft():
@@ -73,13 +74,10 @@ def _layer_class():
                     continue
                 if self.lora_bias.get(name):
                     raise ConfigError("lora_bias=True cannot be merged into a QuantizedLinear")
-                lin = base.to_linear()
-                with torch.no_grad():
-                    lin.weight += self.get_delta_weight(name).to(lin.weight)
-                if safe_merge and not torch.isfinite(lin.weight).all():
-                    raise ConfigError(f"NaN/Inf in the merged weights: adapter {name} is broken")
-                q = QuantizedLinear.from_linear(lin, base.qdtype, group_size=base.group_size, symmetric=base.symmetric,
-                                                act_mode=base.act_mode, kernel=base.kernel)
+                try:
+                    q = requantized_with(base, self.get_delta_weight(name))
+                except ConfigError as e:
+                    raise ConfigError(f"adapter {name}: {e}") from None
                 with torch.no_grad():  # in place: the same buffers, new values (shapes are the format's)
                     for key, buf in q.named_buffers():
                         getattr(base, key).copy_(buf)
