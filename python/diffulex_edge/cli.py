@@ -483,13 +483,8 @@ def _cmd_train(a) -> int:
         hf.save_quantized_pretrained(model, a.output, a.model_dir,
                                      info={"training": cfg.to_dict(), **(result.to_dict() if result is not None else {})})
     else:  # a float run: a Hugging Face folder, with the source's tokenizer files
-        import shutil
-
         model.save_pretrained(a.output)
-        for name in hf._COPY:
-            src = os.path.join(a.model_dir, name)
-            if os.path.isfile(src) and not os.path.exists(os.path.join(a.output, name)):
-                shutil.copyfile(src, os.path.join(a.output, name))
+        hf.copy_model_files(a.model_dir, a.output, overwrite=False)
     print(f"wrote {a.output}")
     return 0
 

@@ -70,6 +70,15 @@ def load_model(path: str, dtype: str = "float32") -> Tuple[nn.Module, Optional[A
     return model.eval(), load_tokenizer(path)
 
 
+def copy_model_files(source_dir: str, out_dir: str, *, overwrite: bool = True) -> None:
+    """Copy the source folder's config, generation config and tokenizer files into `out_dir`
+    (those it has; with ``overwrite=False`` files already in `out_dir` are kept)."""
+    for name in _COPY:
+        src, dst = os.path.join(source_dir, name), os.path.join(out_dir, name)
+        if os.path.isfile(src) and (overwrite or not os.path.exists(dst)):
+            shutil.copyfile(src, dst)
+
+
 def save_quantized_pretrained(model: nn.Module, out_dir: str, source_dir: str, info: Optional[dict] = None) -> None:
     """Write `model`'s quantized weights plus the source folder's config and tokenizer files."""
     from .quant.serialization import save_quantized
@@ -77,10 +86,7 @@ def save_quantized_pretrained(model: nn.Module, out_dir: str, source_dir: str, i
     if os.path.abspath(out_dir) == os.path.abspath(source_dir):
         raise ConfigError("the output folder must differ from the model folder (the original would be overwritten)")
     os.makedirs(out_dir, exist_ok=True)
-    for name in _COPY:
-        src = os.path.join(source_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+    copy_model_files(source_dir, out_dir)
     save_quantized(model, os.path.join(out_dir, QUANTIZED_WEIGHTS))
     if info is not None:
         with open(os.path.join(out_dir, QUANTIZATION_INFO), "w", encoding="utf-8") as fh:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -243,10 +242,7 @@ def quantize_checkpoint(model_dir: Union[str, os.PathLike], out_dir: Union[str, 
         raise
     bar.close()
     staging.discard()
-    for name in hf._COPY:
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+    hf.copy_model_files(model_dir, out_dir)
     info = result.to_dict()
     info["out_of_core"] = True
 
